@@ -1,0 +1,39 @@
+"""Named systems the harness can build, plus `module:attr` for anything with `search(query, k)`."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+from irbase.bm25 import BM25Config, build_or_load
+from irbase.config import load_section
+from irbase.dataset import Dataset
+from irbase.runconfig import RunConfig
+from irbase.search import Searcher
+
+
+def _bm25(config_path: str | None, overrides: list[str], dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
+    run = load_section(config_path, "run", RunConfig, overrides)
+    config = load_section(config_path, "bm25", BM25Config, overrides)
+    run_dir = Path(run.dir) / "bm25"
+    return build_or_load(run_dir, dataset, config), {"bm25": config, "run_dir": str(run_dir)}
+
+
+SYSTEMS: dict[str, Callable[[str | None, list[str], Dataset], tuple[Searcher, dict[str, Any]]]] = {
+    "bm25": _bm25,
+}
+
+
+def make_system(name: str, config_path: str | None, overrides: list[str],
+                dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
+    """A registered system, or `package.module:Factory` called with no arguments."""
+    if name in SYSTEMS:
+        return SYSTEMS[name](config_path, overrides, dataset)
+    if ":" not in name:
+        raise ValueError(f"--system {name!r}: expected one of {', '.join(SYSTEMS)} or module:attr")
+    module_name, attr = name.split(":", 1)
+    factory = getattr(importlib.import_module(module_name), attr)
+    searcher = factory()
+    if not isinstance(searcher, Searcher):
+        raise TypeError(f"--system {name!r} built a {type(searcher).__name__}, which has no search(query, k)")
+    return searcher, {"factory": name}

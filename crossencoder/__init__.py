@@ -1,0 +1,1 @@
+"""Second stage: a cross-encoder reranker fine-tuned from a base LM, exported to ONNX."""

@@ -1,0 +1,200 @@
+"""BM25 first stage (bm25s, English stemming and stop words): the baseline, and the first source of
+hard negatives for training.
+
+    python -m irbase.bm25 index --config configs/mini.yaml
+    python -m irbase.bm25 search --config configs/mini.yaml "what is the capital of australia"
+    python -m irbase.bm25 mine --config configs/mini.yaml --out runs/mini/negatives.bm25.tsv
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import bm25s
+import numpy as np
+import Stemmer
+from bm25s.utils.corpus import JsonlCorpus
+from tqdm import tqdm
+
+from irbase.artifacts import (atomic_dir, atomic_path, check_inputs, file_fingerprint, read_manifest,
+                              write_manifest)
+from irbase.config import add_config_args, load_section
+from irbase.dataset import Dataset, add_dataset_args, dataset_from_args
+from irbase.runconfig import DataConfig, RunConfig
+from irbase.search import Result, check_query
+
+log = logging.getLogger(__name__)
+KIND = "bm25"
+
+
+@dataclass
+class BM25Config:
+    k1: float = 1.5
+    b: float = 0.75
+    method: str = "lucene"
+    stemmer: str | None = "english"
+    stopwords: str | None = "en"
+    mine_depth: int = 50
+
+
+class BM25Index:
+    """A bm25s index plus the passage ids and texts it returns, all memory-mapped after load."""
+
+    def __init__(self, retriever: bm25s.BM25, pids: np.ndarray, texts: Sequence, config: BM25Config):
+        self.retriever, self.pids, self.texts, self.config = retriever, pids, texts, config
+        self._local = threading.local()  # PyStemmer objects are not thread-safe
+
+    @classmethod
+    def build(cls, passages: Iterable[tuple[str, str]], config: BM25Config) -> "BM25Index":
+        pids, texts = [], []
+        for pid, text in passages:
+            pids.append(pid)
+            texts.append(text)
+        index = cls(bm25s.BM25(k1=config.k1, b=config.b, method=config.method), np.asarray(pids), texts, config)
+        tokens = bm25s.tokenize(texts, stopwords=config.stopwords or None, stemmer=index._stemmer(),
+                                show_progress=True)
+        index.retriever.index(tokens, show_progress=True)
+        return index
+
+    def _stemmer(self):
+        if self.config.stemmer is None:
+            return None
+        if not hasattr(self._local, "stemmer"):
+            self._local.stemmer = Stemmer.Stemmer(self.config.stemmer)
+        return self._local.stemmer
+
+    def save(self, run_dir: str | Path, inputs: dict[str, str]) -> None:
+        """Write index, ids, texts and manifest into a temporary directory, then swap it in."""
+        with atomic_dir(run_dir) as tmp:
+            corpus = ({"id": str(pid), "text": text} for pid, text in zip(self.pids, self.texts))
+            self.retriever.save(tmp, corpus=corpus, show_progress=False)
+            np.save(tmp / "pids.npy", self.pids)
+            write_manifest(tmp, KIND, asdict(self.config), inputs)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, expected_inputs: dict[str, str] | None = None) -> "BM25Index":
+        manifest = read_manifest(run_dir, KIND, hint="python -m irbase.bm25 index --config configs/mini.yaml")
+        if expected_inputs:
+            check_inputs(run_dir, manifest, expected_inputs)
+        retriever = bm25s.BM25.load(str(run_dir), mmap=True, show_progress=False)
+        pids = np.load(Path(run_dir) / "pids.npy", mmap_mode="r")
+        texts = JsonlCorpus(str(Path(run_dir) / "corpus.jsonl"), show_progress=False, verbosity=0)
+        return cls(retriever, pids, texts, BM25Config(**manifest["config"]))
+
+    def text(self, i: int) -> str:
+        doc = self.texts[i]
+        return doc["text"] if isinstance(doc, dict) else doc
+
+    def _tokenize(self, texts: Sequence[str]) -> list[list[str]]:
+        return bm25s.tokenize(list(texts), stopwords=self.config.stopwords or None, stemmer=self._stemmer(),
+                              return_ids=False, show_progress=False)
+
+    def search_ids(self, queries: Sequence[str], k: int, threads: int = 0,
+                   progress: bool = False) -> list[list[tuple[str, float]]]:
+        """Top-k `(pid, score)` per query; passages with score 0 match no query term and are dropped."""
+        k = min(k, len(self.pids))
+        docs, scores = self.retriever.retrieve(self._tokenize(queries), k=k, n_threads=threads,
+                                               show_progress=progress)
+        return [[(str(self.pids[d]), float(s)) for d, s in zip(row_d, row_s) if s > 0]
+                for row_d, row_s in zip(docs, scores)]
+
+    def search(self, query: str, k: int) -> list[Result]:
+        check_query(query, k)
+        k = min(k, len(self.pids))
+        docs, scores = self.retriever.retrieve(self._tokenize([query]), k=k, show_progress=False)
+        return [Result(str(self.pids[d]), self.text(int(d)), float(s))
+                for d, s in zip(docs[0], scores[0]) if s > 0]
+
+
+def collection_inputs(dataset: Dataset) -> dict[str, str]:
+    return {"collection": file_fingerprint(dataset.collection_path)}
+
+
+def build_or_load(run_dir: str | Path, dataset: Dataset, config: BM25Config) -> BM25Index:
+    """Load the index in `run_dir` if it was built from this collection with this config, else build it."""
+    run_dir = Path(run_dir)
+    inputs = collection_inputs(dataset)
+    if (run_dir / "manifest.json").is_file():
+        index = BM25Index.load(run_dir, inputs)
+        if index.config == config:
+            return index
+        log.info("BM25 config changed (%s -> %s): rebuilding %s", index.config, config, run_dir)
+    start = time.perf_counter()
+    index = BM25Index.build(dataset.iter_collection(), config)
+    index.save(run_dir, inputs)
+    log.info("built BM25 index of %d passages in %.1f s -> %s", len(index.pids), time.perf_counter() - start, run_dir)
+    return BM25Index.load(run_dir, inputs)
+
+
+def mine_negatives(index: BM25Index, queries: dict[str, str], qrels: dict[str, dict[str, int]],
+                   depth: int, out: str | Path, threads: int = 0) -> int:
+    """Write `qid pid rank score` for each judged query's top-`depth` passages that are not its positives."""
+    judged = [(qid, queries[qid]) for qid in qrels if qid in queries]
+    rows = 0
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        batch = 1024
+        for start in tqdm(range(0, len(judged), batch), desc="mining BM25 negatives", unit="batch"):
+            chunk = judged[start:start + batch]
+            max_pos = max(len(qrels[qid]) for qid, _ in chunk)
+            ranked = index.search_ids([text for _, text in chunk], depth + max_pos, threads=threads)
+            for (qid, _), hits in zip(chunk, ranked):
+                positives = {pid for pid, rel in qrels[qid].items() if rel > 0}
+                negatives = [(pid, score) for pid, score in hits if pid not in positives][:depth]
+                for rank, (pid, score) in enumerate(negatives, 1):
+                    f.write(f"{qid}\t{pid}\t{rank}\t{score:.4f}\n")
+                rows += len(negatives)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m irbase.bm25", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [("index", "build the index of the collection (skipped when up to date)"),
+                            ("search", "print the top results for one query"),
+                            ("mine", "write top-k BM25 negatives (minus positives) for each train query")]:
+        sub = commands.add_parser(name, help=help_text)
+        add_config_args(sub)
+        sub.add_argument("--run", help="BM25 run directory (default: <run.dir>/bm25)")
+        if name == "search":
+            sub.add_argument("--query", "-q", required=True)
+            sub.add_argument("-k", type=int, default=10, help="results to print (default: %(default)s)")
+        else:
+            add_dataset_args(sub, split=None)
+        if name == "mine":
+            sub.add_argument("--out", help="default: <run.dir>/negatives.bm25.tsv")
+            sub.add_argument("--threads", type=int, default=0, help="bm25s retrieval processes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data = load_section(args.config, "data", DataConfig, args.overrides)
+    run = load_section(args.config, "run", RunConfig, args.overrides)
+    config = load_section(args.config, "bm25", BM25Config, args.overrides)
+    run_dir = Path(args.run or Path(run.dir) / "bm25")
+
+    if args.command == "search":
+        for rank, r in enumerate(BM25Index.load(run_dir).search(args.query, args.k), 1):
+            print(f"{rank:>3}  {r.score:7.3f}  {r.document_id:<12}  {r.document_text[:100]}")
+        return 0
+
+    args.split = args.split or (data.train_split if args.command == "mine" else data.dev_split)
+    dataset = dataset_from_args(args, default_root=data.root)
+    index = build_or_load(run_dir, dataset, config)
+    if args.command == "mine":
+        out = Path(args.out or Path(run.dir) / "negatives.bm25.tsv")
+        start = time.perf_counter()
+        rows = mine_negatives(index, dataset.all_queries, dataset.qrels, config.mine_depth, out, args.threads)
+        print(f"wrote {rows} negatives for {len(dataset.qrels)} queries to {out} "
+              f"in {time.perf_counter() - start:.1f} s")
+    else:
+        print(f"BM25 index of {len(index.pids)} passages in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What users touch: the Retriever that chains the first stage and the reranker."""

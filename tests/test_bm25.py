@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from irbase.artifacts import ArtifactError
+from irbase.bm25 import BM25Config, BM25Index, build_or_load, mine_negatives
+from irbase.dataset import Dataset
+from irbase.formats import read_negatives
+from irbase.search import Result
+
+from tests.conftest import PASSAGES, QUERIES, write_tsv
+
+
+def test_search_ranks_the_obvious_passage_first():
+    index = BM25Index.build(PASSAGES.items(), BM25Config())
+    top = index.search(QUERIES["q1"], 3)
+    assert isinstance(top[0], Result) and top[0].document_id == "p1"
+    assert top[0].document_text == PASSAGES["p1"]
+    assert [r.score for r in top] == sorted((r.score for r in top), reverse=True)
+    # stemming: "grows" matches "grow"
+    assert index.search("grows goldfish", 1)[0].document_id == "p3"
+    assert index.search("zzzz qqqq", 5) == []  # no term matches: nothing is retrieved
+    assert len(index.search("australia", 100)) == 2  # k beyond the corpus is clipped
+
+
+@pytest.mark.parametrize("query, k, error", [("", 3, ValueError), ("  ", 3, ValueError), (None, 3, TypeError),
+                                             ("q", 0, ValueError), ("q", 1.5, TypeError)])
+def test_bad_input(query, k, error):
+    index = BM25Index.build(PASSAGES.items(), BM25Config())
+    with pytest.raises(error):
+        index.search(query, k)
+
+
+def test_save_load_roundtrip_memory_mapped(tmp_path, tiny_msmarco):
+    ds = Dataset.from_dir(tiny_msmarco, "dev")
+    built = BM25Index.build(ds.iter_collection(), BM25Config())
+    loaded = build_or_load(tmp_path / "bm25", ds, BM25Config())
+    assert isinstance(loaded.pids, np.memmap)
+    assert isinstance(loaded.retriever.scores["data"], np.memmap)
+    for query in QUERIES.values():
+        assert loaded.search(query, 4) == built.search(query, 4)
+
+
+def test_index_from_other_collection_is_refused(tmp_path, tiny_msmarco):
+    ds = Dataset.from_dir(tiny_msmarco, "dev")
+    build_or_load(tmp_path / "bm25", ds, BM25Config())
+    write_tsv(tiny_msmarco / "collection.tsv", list(PASSAGES.items())[:-1] + [("p6", "changed text")])
+    with pytest.raises(ArtifactError, match="different collection"):
+        build_or_load(tmp_path / "bm25", Dataset.from_dir(tiny_msmarco, "dev"), BM25Config())
+
+
+def test_config_change_rebuilds(tmp_path, tiny_msmarco):
+    ds = Dataset.from_dir(tiny_msmarco, "dev")
+    build_or_load(tmp_path / "bm25", ds, BM25Config())
+    assert build_or_load(tmp_path / "bm25", ds, BM25Config(k1=0.9, b=0.4)).config.k1 == 0.9
+
+
+def test_mined_negatives_exclude_positives(tmp_path, tiny_msmarco):
+    ds = Dataset.from_dir(tiny_msmarco, "dev")
+    index = BM25Index.build(ds.iter_collection(), BM25Config())
+    out = tmp_path / "neg.tsv"
+    qrels = {"q1": {"p1": 1}, "q3": {"p4": 1}}
+    rows = mine_negatives(index, ds.all_queries, qrels, depth=3, out=out)
+    lines = [line.split("\t") for line in out.read_text().splitlines()]
+    assert rows == len(lines) > 0
+    assert all(len(parts) == 4 for parts in lines)
+    negatives = read_negatives(out)
+    assert "p1" not in negatives["q1"] and "p2" in negatives["q1"]  # Sydney/Australia is the hard negative
+    assert "p4" not in negatives.get("q3", [])
+    assert [int(p[2]) for p in lines if p[0] == "q1"] == list(range(1, len(negatives["q1"]) + 1))

@@ -1,0 +1,104 @@
+import json
+import os
+from dataclasses import dataclass, field
+
+import pytest
+
+from irbase.artifacts import (ArtifactError, atomic_dir, atomic_write_text, check_inputs, read_manifest,
+                              write_manifest)
+from irbase.config import ConfigError, load_section, load_yaml
+from irbase.formats import DataFormatError
+from irbase.trec import read_trec_run, write_trec_run
+
+
+def test_trec_run_format_and_roundtrip(tmp_path):
+    run = {"q1": [("p3", 2.5), ("p1", 1.25)], "q2": [("p9", -0.5)]}
+    path = tmp_path / "run.trec"
+    write_trec_run(path, run, tag="bm25")
+    assert path.read_text().splitlines() == [
+        "q1 Q0 p3 1 2.500000 bm25", "q1 Q0 p1 2 1.250000 bm25", "q2 Q0 p9 1 -0.500000 bm25"]
+    assert read_trec_run(path) == run
+    with pytest.raises(ValueError, match="tag"):
+        write_trec_run(path, run, tag="two words")
+
+
+def test_trec_run_malformed_line(tmp_path):
+    path = tmp_path / "bad.trec"
+    path.write_text("q1 Q0 p1 1 2.0 tag\nq1 Q0 p2 two 1.0 tag\n")
+    with pytest.raises(DataFormatError, match=r"bad\.trec:2: rank 'two'"):
+        read_trec_run(path)
+
+
+@dataclass
+class Inner:
+    depth: int = 10
+    name: str = "x"
+
+
+@dataclass
+class Outer:
+    lr: float = 1e-4
+    layers: list[int] = field(default_factory=lambda: [1, 2])
+    inner: Inner = field(default_factory=Inner)
+    note: str | None = None
+
+
+def test_config_yaml_overrides_and_nesting(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  lr: 3\n  inner:\n    depth: 5\n")
+    cfg = load_section(path, "model", Outer, ["model.inner.name=abc", "model.layers=[4, 8]", "model.note=hi"])
+    assert cfg == Outer(lr=3.0, layers=[4, 8], inner=Inner(depth=5, name="abc"), note="hi")
+    assert load_section(path, "missing", Outer) == Outer()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  lrr: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:model: unknown key\(s\) lrr"):
+        load_section(path, "model", Outer)
+    path.write_text("model:\n  inner:\n    depth: deep\n")
+    with pytest.raises(ConfigError, match=r"model\.inner\.depth: expected int"):
+        load_section(path, "model", Outer)
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_yaml(path, ["model.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_yaml(tmp_path / "nope.yaml")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "a.json"
+    atomic_write_text(path, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "partial").write_text("x")
+            raise RuntimeError("crash mid-write")
+    assert not (tmp_path / "d").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp files left behind
+    assert path.read_text() == "old"
+    assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)
+
+
+def test_atomic_dir_replaces_whole(tmp_path):
+    target = tmp_path / "run"
+    with atomic_dir(target) as tmp:
+        (tmp / "v1").write_text("1")
+    with atomic_dir(target) as tmp:
+        (tmp / "v2").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["v2"]
+
+
+def test_manifest_refuses_missing_foreign_and_mismatched(tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist. Build it with: make it"):
+        read_manifest(tmp_path / "run", "bm25", hint="make it")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ArtifactError, match="incomplete"):
+        read_manifest(tmp_path / "half", "bm25")
+    write_manifest(tmp_path / "half", "faiss", {"m": 16}, {"collection": "sha256:aaa"})
+    with pytest.raises(ArtifactError, match="holds a 'faiss' artifact, expected 'bm25'"):
+        read_manifest(tmp_path / "half", "bm25")
+    manifest = read_manifest(tmp_path / "half", "faiss")
+    assert manifest["config"] == {"m": 16} and "torch" in manifest["environment"]["packages"]
+    check_inputs(tmp_path / "half", manifest, {"collection": "sha256:aaa"})
+    with pytest.raises(ArtifactError, match="different collection"):
+        check_inputs(tmp_path / "half", manifest, {"collection": "sha256:bbb"})
+    json.loads((tmp_path / "half" / "manifest.json").read_text())
