@@ -169,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             add_dataset_args(sub, split=None)
         if name == "mine":
             sub.add_argument("--out", help="default: <run.dir>/negatives.bm25.tsv")
-            sub.add_argument("--threads", type=int, default=0, help="bm25s retrieval processes")
+            sub.add_argument("--threads", type=int, default=-1,
+                             help="bm25s retrieval processes (-1: all cores, 0: in this process)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = load_section(args.config, "data", DataConfig, args.overrides)

@@ -123,7 +123,8 @@ class Dataset:
 def add_dataset_args(parser: argparse.ArgumentParser, split: str | None = "dev") -> None:
     group = parser.add_argument_group("dataset")
     group.add_argument("--data", help="dataset directory (MS MARCO or BEIR layout)")
-    group.add_argument("--split", default=split, help=f"split name (default: {split})")
+    group.add_argument("--split", default=split,
+                       help=f"split name (default: {split or 'from the config: data.dev_split, or data.train_split to mine'})")
     group.add_argument("--collection", help="override the collection file")
     group.add_argument("--queries", help="override the queries file")
     group.add_argument("--qrels", help="override the qrels file")
