@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip install -q -e ".[$(EXTRA),dev]"
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip install -q -e ".[$(EXTRA),base-lm,dev]"
 	touch $@
 
 install: $(VENV)/.installed

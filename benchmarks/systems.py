@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from irbase.bm25 import BM25Config, build_or_load
-from irbase.config import load_section
+from irbase.config import load_section, load_yaml
 from irbase.dataset import Dataset
 from irbase.runconfig import RunConfig
 from irbase.search import Searcher
@@ -19,8 +19,18 @@ def _bm25(config_path: str | None, overrides: list[str], dataset: Dataset) -> tu
     return build_or_load(run_dir, dataset, config), {"bm25": config, "run_dir": str(run_dir)}
 
 
+def _biencoder(config_path: str | None, overrides: list[str], dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
+    from biencoder.retriever import DenseRetriever
+
+    run = load_section(config_path, "run", RunConfig, overrides)
+    name = load_yaml(config_path, overrides).get("biencoder", {}).get("name", "biencoder")
+    retriever = DenseRetriever.from_run(run.dir, dataset, name)
+    return retriever, {"run_dir": str(Path(run.dir) / name), "index": retriever.index.config}
+
+
 SYSTEMS: dict[str, Callable[[str | None, list[str], Dataset], tuple[Searcher, dict[str, Any]]]] = {
     "bm25": _bm25,
+    "biencoder": _biencoder,
 }
 
 

@@ -22,10 +22,11 @@ import Stemmer
 from bm25s.utils.corpus import JsonlCorpus
 from tqdm import tqdm
 
-from irbase.artifacts import (atomic_dir, atomic_path, check_inputs, file_fingerprint, read_manifest,
+from irbase.artifacts import (atomic_dir, check_inputs, file_fingerprint, read_manifest,
                               write_manifest)
 from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset, add_dataset_args, dataset_from_args
+from irbase.negatives import write_negatives
 from irbase.runconfig import DataConfig, RunConfig
 from irbase.search import Result, check_query
 
@@ -136,20 +137,16 @@ def mine_negatives(index: BM25Index, queries: dict[str, str], qrels: dict[str, d
                    depth: int, out: str | Path, threads: int = 0) -> int:
     """Write `qid pid rank score` for each judged query's top-`depth` passages that are not its positives."""
     judged = [(qid, queries[qid]) for qid in qrels if qid in queries]
-    rows = 0
-    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+
+    def ranked():
         batch = 1024
         for start in tqdm(range(0, len(judged), batch), desc="mining BM25 negatives", unit="batch"):
             chunk = judged[start:start + batch]
             max_pos = max(len(qrels[qid]) for qid, _ in chunk)
-            ranked = index.search_ids([text for _, text in chunk], depth + max_pos, threads=threads)
-            for (qid, _), hits in zip(chunk, ranked):
-                positives = {pid for pid, rel in qrels[qid].items() if rel > 0}
-                negatives = [(pid, score) for pid, score in hits if pid not in positives][:depth]
-                for rank, (pid, score) in enumerate(negatives, 1):
-                    f.write(f"{qid}\t{pid}\t{rank}\t{score:.4f}\n")
-                rows += len(negatives)
-    return rows
+            hits = index.search_ids([text for _, text in chunk], depth + max_pos, threads=threads)
+            yield from zip((qid for qid, _ in chunk), hits)
+
+    return write_negatives(out, ranked(), qrels, depth)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

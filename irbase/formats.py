@@ -225,20 +225,3 @@ def iter_top1000(path: str | os.PathLike, lenient: bool = False) -> Iterator[Top
     for _, parts in _tsv(path, ("qid", "pid", "query", "passage"), errors):
         yield Top1000Row(*parts)
     errors.report()
-
-
-def read_negatives(path: str | os.PathLike, lenient: bool = False) -> dict[str, list[str]]:
-    """`qid -> [pid, ...]` in file order, from `qid pid` (official hard negatives) or
-    `qid pid rank score` (our mined negatives)."""
-    path = Path(path)
-    errors = LineErrors(path, lenient)
-    negatives: dict[str, list[str]] = {}
-    for number, line in iter_lines(path, errors):
-        parts = line.split("\t")
-        if len(parts) not in (2, 4):
-            errors(number, f"expected 2 (qid, pid) or 4 (qid, pid, rank, score) tab-separated columns, "
-                           f"found {len(parts)}")
-            continue
-        negatives.setdefault(parts[0], []).append(parts[1])
-    errors.report()
-    return negatives

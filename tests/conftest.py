@@ -37,3 +37,51 @@ def tiny_msmarco(tmp_path: Path) -> Path:
     write_tsv(root / "queries.dev.tsv", QUERIES.items())
     write_tsv(root / "qrels.dev.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
     return root
+
+
+def _train_tokenizer(texts):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A", pair="[CLS] $A [SEP] $B", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", bos_token="[CLS]", eos_token="[SEP]")
+
+
+def make_tiny_lm(path: Path, kind: str, texts) -> Path:
+    """A randomly initialised model of `kind` ('decoder': Gemma 3, 'encoder': BERT) with a tokenizer
+    trained here on `texts`: no downloads."""
+    import torch
+    from transformers import AutoModel, BertConfig, Gemma3TextConfig
+
+    tokenizer = _train_tokenizer(list(texts) + ["query : passage :"])
+    vocab = len(tokenizer)
+    if kind == "decoder":
+        config = Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  max_position_embeddings=256, sliding_window=64, pad_token_id=0,
+                                  bos_token_id=2, eos_token_id=3,
+                                  layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    else:
+        config = BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=2, max_position_embeddings=256, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> Path:
+    return make_tiny_lm(tmp_path_factory.mktemp("lm") / "decoder", "decoder",
+                        list(PASSAGES.values()) + list(QUERIES.values()))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    return make_tiny_lm(tmp_path_factory.mktemp("lm") / "encoder", "encoder",
+                        list(PASSAGES.values()) + list(QUERIES.values()))

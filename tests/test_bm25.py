@@ -4,7 +4,7 @@ import pytest
 from irbase.artifacts import ArtifactError
 from irbase.bm25 import BM25Config, BM25Index, build_or_load, mine_negatives
 from irbase.dataset import Dataset
-from irbase.formats import read_negatives
+from irbase.negatives import read_negatives
 from irbase.search import Result
 
 from tests.conftest import PASSAGES, QUERIES, write_tsv

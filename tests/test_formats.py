@@ -5,6 +5,7 @@ import logging
 import pytest
 
 from irbase import formats
+from irbase.negatives import read_negatives
 from irbase.dataset import Dataset
 from irbase.formats import DataFormatError
 
@@ -113,7 +114,7 @@ def test_triples_top1000_negatives(tmp_path):
     row = next(formats.iter_top1000(top))
     assert (row.qid, row.pid, row.query, row.passage) == ("1", "7", "q", "passage")
     neg = write_tsv(tmp_path / "neg.tsv", [("1", "7"), ("1", "8", "2", "3.5"), ("2", "9")])
-    assert formats.read_negatives(neg) == {"1": ["7", "8"], "2": ["9"]}
+    assert read_negatives(neg) == {"1": ["7", "8"], "2": ["9"]}
     bad = write_tsv(tmp_path / "bad.tsv", [("q", "pos")])
     with pytest.raises(DataFormatError, match=r"bad\.tsv:1: expected 3 tab-separated columns"):
         list(formats.iter_triples(bad))

@@ -1,0 +1,120 @@
+"""Train the bi-encoder with DeepSpeed, then evaluate it on dev with exact search.
+
+    python -m biencoder.train --config configs/mini.yaml [section.key=value ...]
+    deepspeed --num_gpus 4 -m biencoder.train --config configs/msmarco.yaml
+
+Writes <run.dir>/<biencoder.name>/: model/ (HF folder + biencoder.json), checkpoints/ (resumed from
+automatically), train_log.jsonl, embeddings/ (dev collection shards) and eval.json.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from irbase.artifacts import atomic_write_json, file_fingerprint
+from irbase.config import add_config_args, load_section
+from irbase.dataset import Dataset
+from irbase.negatives import read_negatives
+from irbase.runconfig import DataConfig, RunConfig
+from irbase.training import TrainConfig, Trainer
+
+from biencoder.data import NegativesConfig, TrainBatches, TrainExamples
+from biencoder.encode import EncodeConfig, collection_inputs
+from biencoder.evaluate import evaluate_exact, evaluate_sample
+from biencoder.model import BiEncoder, BiEncoderConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BiEncoderRecipe:
+    name: str = "biencoder"                 # subdirectory of run.dir
+    model: BiEncoderConfig = field(default_factory=BiEncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    init_from: str | None = None            # continue from a trained bi-encoder (round 2)
+    max_train_queries: int | None = None    # a slice, for smoke runs
+    eval_sample_size: int = 5000            # periodic eval: judged dev passages + this many others
+    final_eval: bool = True                 # encode the dev collection and search it exactly at the end
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_recipe(config_path: str | None, overrides: Sequence[str]) -> tuple[RunConfig, DataConfig, BiEncoderRecipe]:
+    return (load_section(config_path, "run", RunConfig, overrides),
+            load_section(config_path, "data", DataConfig, overrides),
+            load_section(config_path, "biencoder", BiEncoderRecipe, overrides))
+
+
+def train(config_path: str | None, overrides: Sequence[str]) -> Path:
+    run, data, recipe = load_recipe(config_path, overrides)
+    seed_everything(run.seed)
+    out = Path(run.dir) / recipe.name
+    train_set = Dataset.from_dir(data.root, data.train_split)
+    dev_set = Dataset.from_dir(data.root, data.dev_split)
+    negative_lists = []
+    for path in recipe.negatives.files:
+        path = Path(path.format(run_dir=run.dir, data_root=data.root))
+        if not path.is_file():
+            raise FileNotFoundError(f"biencoder.negatives.files: {path} not found (BM25 negatives come from "
+                                    f"`python -m irbase.bm25 mine --config {config_path}`)")
+        negative_lists.append(read_negatives(path))
+    examples = TrainExamples.build(train_set.all_queries, train_set.qrels, train_set.collection, negative_lists,
+                                   recipe.negatives, run.seed, recipe.max_train_queries)
+    log.info("%d training queries, %d with mined negatives", len(examples),
+             sum(1 for v in examples.negatives.values() if v))
+
+    model = BiEncoder.load(recipe.init_from) if recipe.init_from else BiEncoder.from_base(recipe.model, run.seed)
+    if recipe.init_from:
+        model.config.temperature = recipe.model.temperature
+    source = TrainBatches(examples, recipe.train.batch_size, model.tokenize)
+    periodic = (lambda m: evaluate_sample(m, dev_set, recipe.eval_sample_size, run.seed)) \
+        if recipe.train.eval_every else None
+    start = time.perf_counter()
+    trained = Trainer(model, recipe.train, out, source, periodic,
+                      run_info={"recipe": asdict(recipe), "seed": run.seed}).train()
+    train_seconds = time.perf_counter() - start
+    if int(os.environ.get("RANK", 0)) != 0:
+        return out
+    trained.save(out / "model", extra={"recipe": asdict(recipe), "seed": run.seed,
+                                       "train_collection": file_fingerprint(train_set.collection_path)})
+    summary = {"train_seconds": train_seconds, "train_queries": len(examples)}
+    if recipe.final_eval:
+        encode = load_section(config_path, "encode", EncodeConfig, overrides)
+        start = time.perf_counter()
+        evaluation, _ = evaluate_exact(trained, dev_set, out / "embeddings", encode,
+                                       collection_inputs(dev_set, out / "model"))
+        summary.update(dev=evaluation.means, dev_split=dev_set.split, eval_seconds=time.perf_counter() - start)
+        print(" ".join(f"{k}={v:.4f}" for k, v in evaluation.means.items()))
+    atomic_write_json(out / "eval.json", summary)
+    print(f"trained in {train_seconds / 60:.1f} min -> {out / 'model'}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m biencoder.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    train(args.config, args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The DeepSpeed training loop both trained stages share: one process on a CPU, or
+`deepspeed --num_gpus N -m <package>.train` on GPUs, with the same code.
+
+The model's forward returns the loss. Data order is a pure function of (seed, epoch), so a run resumed
+from its last checkpoint sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from tqdm import tqdm
+
+from irbase.artifacts import atomic_write_json, to_jsonable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    deepspeed_config: str = "configs/deepspeed/cpu_bf16.json"  # ZeRO stage and precision
+    batch_size: int = 16            # examples per micro-batch per process
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None    # optimizer steps; wins over epochs when set (0: save the untrained model)
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    eval_every: int | None = None   # optimizer steps between evaluations; None: only at the end
+    threads: int | None = None      # torch CPU threads (None: torch's default)
+
+
+class BatchSource(Protocol):
+    def micro_batches_per_epoch(self, world_size: int) -> int: ...
+
+    def batches(self, epoch: int, skip: int, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
+        """This process's micro-batches of `epoch`, after skipping the first `skip`."""
+        ...
+
+
+def init_distributed() -> tuple[int, int]:
+    """Rank and world size; a plain `python -m` run becomes a world of one without MPI."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    deepspeed.init_distributed(dist_backend=None)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
+    path = Path(config.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed_config {path}: file not found")
+    ds = json.loads(path.read_text(encoding="utf-8"))
+    ds.update(train_micro_batch_size_per_gpu=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+              train_batch_size=config.batch_size * config.grad_accum * world_size,
+              gradient_clipping=config.max_grad_norm, steps_per_print=10 ** 9)
+    ds.pop("optimizer", None)  # we pass torch's AdamW: no fused_adam build on CPU
+    ds.pop("scheduler", None)
+    return ds
+
+
+def linear_schedule(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+class Trainer:
+    """Runs the loop; `model(**batch)` must return the scalar loss."""
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, output_dir: str | Path,
+                 source: BatchSource, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+                 run_info: dict[str, Any] | None = None):
+        self.model, self.config, self.source, self.evaluate = model, config, source, evaluate
+        self.output_dir = Path(output_dir)
+        self.checkpoints = self.output_dir / "checkpoints"
+        self.run_info = run_info or {}
+
+    def _latest(self) -> dict[str, Any] | None:
+        latest = self.checkpoints / "latest.json"
+        return json.loads(latest.read_text()) if latest.is_file() else None
+
+    def _save(self, engine, state: dict[str, Any], rank: int) -> None:
+        import deepspeed.comm as dist
+
+        tag = f"step-{state['global_step']:07d}"
+        tmp_tag = f".tmp-{tag}"
+        engine.save_checkpoint(str(self.checkpoints), tag=tmp_tag, client_state=state, save_latest=False)
+        dist.barrier()
+        if rank == 0:
+            final = self.checkpoints / tag
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(self.checkpoints / tmp_tag, final)
+            atomic_write_json(self.checkpoints / "latest.json", {"tag": tag, **state})
+            kept = sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir())
+            for old in kept[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def train(self) -> torch.nn.Module:
+        import deepspeed
+
+        cfg = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        rank, world = init_distributed()
+        micro_per_epoch = self.source.micro_batches_per_epoch(world)
+        steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
+        total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, linear_schedule(max(total, 1), int(cfg.warmup_ratio * total)))
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world))
+
+        state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "micros": 0, "examples": 0}
+        latest = self._latest()
+        if latest:
+            _, client = engine.load_checkpoint(str(self.checkpoints), tag=latest["tag"])
+            state.update({k: client[k] for k in state})
+            log.info("resumed from %s (step %d of %d)", latest["tag"], state["global_step"], total)
+        if rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.output_dir / "train_config.json",
+                              {"train": cfg, "world_size": world, "total_steps": total, **self.run_info})
+        log_path = self.output_dir / "train_log.jsonl"
+        bar = tqdm(total=total, initial=state["global_step"], desc="training", unit="step", disable=rank != 0)
+        window_loss, window_n, window_start, window_examples = 0.0, 0, time.perf_counter(), 0
+        engine.train()
+        while state["global_step"] < total:
+            for batch in self.source.batches(state["epoch"], state["micro_in_epoch"], rank, world):
+                loss = engine(**batch)
+                engine.backward(loss)
+                engine.step()
+                state["micro_in_epoch"] += 1
+                state["micros"] += 1
+                examples = int(batch.get("num_examples", cfg.batch_size)) * world
+                state["examples"] += examples
+                window_loss, window_n, window_examples = window_loss + loss.item(), window_n + 1, window_examples + examples
+                if state["micros"] % cfg.grad_accum:
+                    continue  # DeepSpeed stepped the optimizer only at the accumulation boundary
+                state["global_step"] += 1
+                step = state["global_step"]
+                bar.update()
+                if step % cfg.log_every == 0 or step == total:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": step, "epoch": state["epoch"], "loss": window_loss / window_n,
+                              "lr": scheduler.get_last_lr()[0], "examples_per_s": window_examples / elapsed,
+                              "time": time.time()}
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    if rank == 0:
+                        _append_jsonl(log_path, record)
+                    window_loss, window_n, window_start, window_examples = 0.0, 0, time.perf_counter(), 0
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != total and self.evaluate:
+                    self._evaluate(engine, step, log_path, rank)
+                if step % cfg.save_every == 0 and step != total:
+                    self._save(engine, state, rank)
+                if step >= total:
+                    break
+            else:
+                state["epoch"] += 1
+                state["micro_in_epoch"] = 0
+        bar.close()
+        self._save(engine, state, rank)
+        return engine.module
+
+    def _evaluate(self, engine, step: int, log_path: Path, rank: int) -> None:
+        engine.eval()
+        with torch.no_grad():
+            metrics = self.evaluate(engine.module)
+        engine.train()
+        if rank == 0:
+            _append_jsonl(log_path, {"step": step, "eval": metrics, "time": time.time()})
+        log.info("step %d eval: %s", step, metrics)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(to_jsonable(record)) + "\n")

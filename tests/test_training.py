@@ -1,0 +1,87 @@
+"""DeepSpeed training end to end on a tiny model, in subprocesses as a user runs it: an interrupted run
+resumes from its last checkpoint and ends with the same weights as an uninterrupted one."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import PASSAGES, QRELS, QUERIES, write_tsv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _setup(tmp_path: Path, lm: Path, max_steps: int, save_every: int) -> Path:
+    data = tmp_path / "data"
+    write_tsv(data / "collection.tsv", PASSAGES.items())
+    for split in ("train", "dev"):
+        write_tsv(data / f"queries.{split}.tsv", QUERIES.items())
+        write_tsv(data / f"qrels.{split}.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
+    write_tsv(tmp_path / "mined.tsv", [("q1", "p2", 1, 3.0), ("q2", "p5", 1, 1.0)])
+    config = tmp_path / "config.yaml"
+    config.write_text(f"""
+run: {{dir: {tmp_path / 'run'}, seed: 7}}
+data: {{root: {data}}}
+biencoder:
+  model: {{base_lm: {{name: {lm}, num_layers: 2, bidirectional: true}}, passage_max_length: 32}}
+  train: {{deepspeed_config: {REPO / 'configs/deepspeed/cpu_fp32.json'}, batch_size: 2, max_steps: {max_steps},
+          save_every: {save_every}, log_every: 5, learning_rate: 0.001, threads: 1}}
+  negatives: {{files: ["{tmp_path / 'mined.tsv'}"], per_query: 1}}
+encode: {{batch_size: 4, shard_size: 4, dtype: float32, bf16: false}}
+""")
+    return config
+
+
+def _train(config: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "biencoder.train", "--config", str(config)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_killed_training_resumes_to_identical_weights(tmp_path, tiny_decoder):
+    steps = 120
+    reference = _setup(tmp_path / "a", tiny_decoder, steps, save_every=10)
+    out, _ = _train(reference).communicate(timeout=600)
+    assert "recall@1=" in out, out[-2000:]
+
+    interrupted = _setup(tmp_path / "b", tiny_decoder, steps, save_every=10)
+    latest = tmp_path / "b" / "run" / "biencoder" / "checkpoints" / "latest.json"
+    proc = _train(interrupted, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["global_step"] >= 30:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
+    assert not (tmp_path / "b" / "run" / "biencoder" / "model").exists()
+    killed_at = json.loads(latest.read_text())["global_step"]
+    assert 30 <= killed_at < steps
+
+    out, _ = _train(interrupted).communicate(timeout=600)
+    assert f"resumed from step-{killed_at:07d}" in out, out[-2000:]
+    a = load_file(tmp_path / "a" / "run" / "biencoder" / "model" / "query" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "run" / "biencoder" / "model" / "query" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() < 1e-6, key
+    log = [json.loads(line) for line in (tmp_path / "b" / "run" / "biencoder" / "train_log.jsonl").open()]
+    assert log[-1]["step"] == steps and {"loss", "lr", "examples_per_s"} <= set(log[-1])
+    evaluation = json.loads((tmp_path / "b" / "run" / "biencoder" / "eval.json").read_text())
+    assert set(evaluation["dev"]) >= {"recall@1", "mrr@10", "recall@100"}
+    kept = sorted(p.name for p in latest.parent.glob("step-*"))
+    assert kept == [f"step-{steps - 10:07d}", f"step-{steps:07d}"]  # keep_checkpoints=2, older removed
+
+
+@pytest.mark.parametrize("module", ["biencoder.train", "biencoder.encode", "biencoder.index", "biencoder.mine",
+                                    "benchmarks.run", "irbase.bm25", "irbase.download"])
+def test_entry_points_have_help(module):
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert result.returncode == 0 and "usage: python -m" in result.stdout
