@@ -6,7 +6,12 @@ EXTRA  ?= cpu
 CONFIG ?= configs/mini.yaml
 PY     := $(VENV)/bin/python
 
-.PHONY: install run test clean-runs
+RUN_DIR ?= runs/mini
+# Round 2: continue from round 1 on negatives mined by round 1's model.
+R2 := biencoder.name=biencoder-r2 biencoder.init_from=$(RUN_DIR)/biencoder/model \
+      'biencoder.negatives.files=["{run_dir}/negatives.biencoder.tsv","{data_root}/negatives.train.tsv"]'
+
+.PHONY: install run test clean-runs biencoder biencoder-r2 untrained
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +25,25 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+$(RUN_DIR)/negatives.bm25.tsv: $(VENV)/.installed
+	$(PY) -m irbase.bm25 mine --config $(CONFIG)
+
+biencoder: $(RUN_DIR)/negatives.bm25.tsv   # round 1: BM25 negatives (about 55 min on 2 cores)
+	$(PY) -m biencoder.train --config $(CONFIG)
+	$(PY) -m biencoder.index --config $(CONFIG)
+	$(PY) -m benchmarks.run --config $(CONFIG) --system biencoder
+
+biencoder-r2:                                # round 2: the round-1 model's own mined negatives
+	$(PY) -m biencoder.mine --config $(CONFIG)
+	$(PY) -m biencoder.train --config $(CONFIG) $(R2)
+	$(PY) -m biencoder.index --config $(CONFIG) $(R2)
+	$(PY) -m benchmarks.run --config $(CONFIG) --system biencoder $(R2)
+
+untrained:                                   # the base LM as it is, mean pooling: the floor
+	$(PY) -m biencoder.train --config $(CONFIG) biencoder.name=untrained biencoder.train.max_steps=0
+	$(PY) -m biencoder.index --config $(CONFIG) biencoder.name=untrained
+	$(PY) -m benchmarks.run --config $(CONFIG) --system biencoder biencoder.name=untrained
 
 clean-runs:
 	rm -rf runs

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from irbase.bm25 import BM25Config, build_or_load
-from irbase.config import load_section, load_yaml
+from irbase.config import load_section
 from irbase.dataset import Dataset
-from irbase.runconfig import RunConfig
+from irbase.runconfig import RunConfig, stage_dir
 from irbase.search import Searcher
 
 
@@ -22,10 +22,9 @@ def _bm25(config_path: str | None, overrides: list[str], dataset: Dataset) -> tu
 def _biencoder(config_path: str | None, overrides: list[str], dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
     from biencoder.retriever import DenseRetriever
 
-    run = load_section(config_path, "run", RunConfig, overrides)
-    name = load_yaml(config_path, overrides).get("biencoder", {}).get("name", "biencoder")
-    retriever = DenseRetriever.from_run(run.dir, dataset, name)
-    return retriever, {"run_dir": str(Path(run.dir) / name), "index": retriever.index.config}
+    base = stage_dir(config_path, overrides, "biencoder")
+    retriever = DenseRetriever(base / "model", base / "index", dataset.collection)
+    return retriever, {"run_dir": str(base), "index": retriever.index.config}
 
 
 SYSTEMS: dict[str, Callable[[str | None, list[str], Dataset], tuple[Searcher, dict[str, Any]]]] = {

@@ -28,7 +28,7 @@ from irbase.artifacts import (ArtifactError, atomic_path, atomic_write_json, fil
                               write_manifest)
 from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset, add_dataset_args, dataset_from_args
-from irbase.runconfig import DataConfig, RunConfig
+from irbase.runconfig import DataConfig, stage_dir
 
 from biencoder.model import BiEncoder
 
@@ -128,19 +128,19 @@ def collection_inputs(dataset: Dataset, model_dir: str | Path) -> dict[str, str]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m biencoder.encode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="trained bi-encoder (default: <run.dir>/biencoder/model)")
-    parser.add_argument("--out", help="shard directory (default: <run.dir>/biencoder/embeddings)")
+    parser.add_argument("--model", help="trained bi-encoder (default: <run.dir>/<biencoder.name>/model)")
+    parser.add_argument("--out", help="shard directory (default: <run.dir>/<biencoder.name>/embeddings)")
     add_config_args(parser)
     add_dataset_args(parser, split=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = load_section(args.config, "data", DataConfig, args.overrides)
-    run = load_section(args.config, "run", RunConfig, args.overrides)
     config = load_section(args.config, "encode", EncodeConfig, args.overrides)
+    base = stage_dir(args.config, args.overrides, "biencoder")
     args.split = args.split or data.dev_split
     dataset = dataset_from_args(args, default_root=data.root)
-    model_dir = Path(args.model or Path(run.dir) / "biencoder" / "model")
-    out = Path(args.out or Path(run.dir) / "biencoder" / "embeddings")
+    model_dir = Path(args.model or base / "model")
+    out = Path(args.out or base / "embeddings")
     if config.threads:
         torch.set_num_threads(config.threads)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -20,8 +20,8 @@ import faiss
 import numpy as np
 
 from irbase.artifacts import atomic_dir, atomic_write_json, check_inputs, read_manifest, write_manifest
-from irbase.config import add_config_args, load_section, load_yaml
-from irbase.runconfig import RunConfig
+from irbase.config import add_config_args, load_section
+from irbase.runconfig import stage_dir
 
 from biencoder.encode import iter_shards
 
@@ -131,11 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run = load_section(args.config, "run", RunConfig, args.overrides)
     data = load_section(args.config, "data", DataConfig, args.overrides)
     config = load_section(args.config, "index", IndexConfig, args.overrides)
-    name = load_yaml(args.config, args.overrides).get("biencoder", {}).get("name", "biencoder")
-    base = Path(args.run or Path(run.dir) / name)
+    base = Path(args.run or stage_dir(args.config, args.overrides, "biencoder"))
     shards = Path(args.embeddings or base / "embeddings")
     out = Path(args.out or base / "index")
     start = time.perf_counter()

@@ -18,7 +18,7 @@ from irbase.artifacts import ArtifactError, file_fingerprint, read_manifest
 from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset
 from irbase.negatives import write_negatives
-from irbase.runconfig import DataConfig, RunConfig
+from irbase.runconfig import DataConfig, RunConfig, stage_dir
 
 from biencoder.encode import EncodeConfig, model_fingerprint
 from biencoder.evaluate import search_queries
@@ -36,8 +36,8 @@ def mine(model: BiEncoder, index: DenseIndex, dataset: Dataset, depth: int, out:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m biencoder.mine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="trained bi-encoder (default: <run.dir>/biencoder/model)")
-    parser.add_argument("--embeddings", help="collection shards (default: <run.dir>/biencoder/embeddings)")
+    parser.add_argument("--model", help="trained bi-encoder (default: <run.dir>/<biencoder.name>/model)")
+    parser.add_argument("--embeddings", help="collection shards (default: <run.dir>/<biencoder.name>/embeddings)")
     parser.add_argument("--out", help="default: <run.dir>/negatives.biencoder.tsv")
     parser.add_argument("--depth", type=int, default=50)
     add_config_args(parser)
@@ -46,8 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = load_section(args.config, "run", RunConfig, args.overrides)
     data = load_section(args.config, "data", DataConfig, args.overrides)
     encode = load_section(args.config, "encode", EncodeConfig, args.overrides)
-    model_dir = Path(args.model or Path(run.dir) / "biencoder" / "model")
-    shards = Path(args.embeddings or Path(run.dir) / "biencoder" / "embeddings")
+    base = stage_dir(args.config, args.overrides, "biencoder")
+    model_dir = Path(args.model or base / "model")
+    shards = Path(args.embeddings or base / "embeddings")
     dataset = Dataset.from_dir(data.root, data.train_split)
     inputs = read_manifest(shards, "embeddings")["inputs"]
     if inputs.get("model") != model_fingerprint(model_dir):

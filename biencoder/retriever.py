@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from irbase.dataset import Dataset
 from irbase.search import Result, check_query
 
 from biencoder.encode import model_fingerprint
@@ -25,11 +24,6 @@ class DenseRetriever:
         self._lock = threading.Lock()  # one forward at a time: torch already uses every core
         if threads:
             torch.set_num_threads(threads)
-
-    @classmethod
-    def from_run(cls, run_dir: str | Path, dataset: Dataset, name: str = "biencoder") -> "DenseRetriever":
-        base = Path(run_dir) / name
-        return cls(base / "model", base / "index", dataset.collection)
 
     def search(self, query: str, k: int) -> list[Result]:
         check_query(query, k)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 
 @dataclass
@@ -15,3 +17,12 @@ class DataConfig:
 class RunConfig:
     dir: str = "runs/mini"
     seed: int = 13
+
+
+def stage_dir(config_path: str | None, overrides: Sequence[str], section: str) -> Path:
+    """Where a trained stage lives: <run.dir>/<section.name> (e.g. runs/mini/biencoder-r2)."""
+    from irbase.config import load_section, load_yaml
+
+    run = load_section(config_path, "run", RunConfig, overrides)
+    name = load_yaml(config_path, overrides).get(section, {}).get("name", section)
+    return Path(run.dir) / name

@@ -196,3 +196,17 @@ def test_hnsw_recall_save_load(tmp_path, sq8):
         DenseIndex.load(tmp_path / "idx", {"model": "m2"})
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert manifest["config"]["dim"] == 64 and manifest["config"]["count"] == 3000
+
+
+def test_llama_decoder_loads_and_refuses_bidirectional(tmp_path, tiny_decoder):
+    from transformers import AutoModel, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_decoder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, pad_token_id=0)
+    AutoModel.from_config(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    model = BiEncoder.from_base(BiEncoderConfig(base_lm=BaseLMConfig(name=str(tmp_path / "llama")), pooling="last"))
+    assert model.encode(["the capital of australia"], "query").shape == (1, 32)
+    with pytest.raises(ValueError, match="'llama' has no bidirectional attention option"):
+        load_config(BaseLMConfig(name=str(tmp_path / "llama"), bidirectional=True))
