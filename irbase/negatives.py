@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from irbase.artifacts import atomic_path
-from irbase.formats import LineErrors, Qrels, iter_lines
+from irbase.formats import LineErrors, iter_lines
 
 
 def read_negatives(path: str | os.PathLike, lenient: bool = False) -> dict[str, list[str]]:
