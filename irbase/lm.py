@@ -111,7 +111,23 @@ def resolve(config: BaseLMConfig) -> str:
                     convert_pypi_model(key, target)
         return str(target)
     check_base_model(name, config.reference_baseline)
+    if not Path(name).exists() and not config.reference_baseline:
+        _check_hub_markers(name)
     return name
+
+
+def _check_hub_markers(repo_id: str) -> None:
+    """A hub repository with a sentence-transformers config is an embedding model, whatever its name."""
+    from huggingface_hub import file_exists
+
+    for marker in EMBEDDING_MARKERS:
+        try:
+            found = file_exists(repo_id, marker)
+        except Exception:  # offline or unreachable: the name check above is all we can do
+            return
+        if found:
+            raise BaseModelRefused(f"{repo_id} is a sentence-embedding checkpoint (has {marker}); models here start "
+                                   "from a base LM. Set base_lm.reference_baseline=true to run it as a baseline.")
 
 
 def check_base_model(name: str, allow_reference: bool = False) -> None:
