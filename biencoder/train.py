@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from irbase.artifacts import atomic_write_json, file_fingerprint
+from irbase.bm25 import BM25Config, build_or_load
 from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset
 from irbase.negatives import read_negatives
@@ -30,7 +31,7 @@ from irbase.training import TrainConfig, Trainer
 
 from biencoder.data import NegativesConfig, TrainBatches, TrainExamples
 from biencoder.encode import EncodeConfig, collection_inputs
-from biencoder.evaluate import evaluate_exact, evaluate_sample
+from biencoder.evaluate import ProxyConfig, evaluate_exact, evaluate_proxy
 from biencoder.model import BiEncoder, BiEncoderConfig
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ class BiEncoderRecipe:
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     init_from: str | None = None            # continue from a trained bi-encoder (round 2)
     max_train_queries: int | None = None    # a slice, for smoke runs
-    eval_sample_size: int = 5000            # periodic eval: judged dev passages + this many others
-    final_eval: bool = True                 # encode the dev collection and search it exactly at the end
+    final_eval: str = "full"                # full: encode the dev collection, exact search; proxy; none
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)  # for final_eval=proxy and train.eval_every
 
 
 def seed_everything(seed: int) -> None:
@@ -82,7 +83,12 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     if recipe.init_from:
         model.config.temperature = recipe.model.temperature
     source = TrainBatches(examples, recipe.train.batch_size, model.tokenize)
-    periodic = (lambda m: evaluate_sample(m, dev_set, recipe.eval_sample_size, run.seed)) \
+    if recipe.final_eval not in ("full", "proxy", "none"):
+        raise ValueError(f"biencoder.final_eval {recipe.final_eval!r}: expected full, proxy or none")
+    bm25 = None
+    if recipe.train.eval_every or recipe.final_eval == "proxy":
+        bm25 = build_or_load(Path(run.dir) / "bm25", dev_set, load_section(config_path, "bm25", BM25Config, overrides))
+    periodic = (lambda m: evaluate_proxy(m, dev_set, bm25, recipe.proxy, run.seed)) \
         if recipe.train.eval_every else None
     start = time.perf_counter()
     trained = Trainer(model, recipe.train, out, source, periodic,
@@ -93,7 +99,12 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     trained.save(out / "model", extra={"recipe": asdict(recipe), "seed": run.seed,
                                        "train_collection": file_fingerprint(train_set.collection_path)})
     summary = {"train_seconds": train_seconds, "train_queries": len(examples)}
-    if recipe.final_eval:
+    if recipe.final_eval == "proxy":
+        start = time.perf_counter()
+        summary.update(dev_proxy=evaluate_proxy(trained, dev_set, bm25, recipe.proxy, run.seed),
+                       dev_split=dev_set.split, eval_seconds=time.perf_counter() - start)
+        print(" ".join(f"{k}={v:.4f}" for k, v in summary["dev_proxy"].items()))
+    elif recipe.final_eval == "full":
         encode = load_section(config_path, "encode", EncodeConfig, overrides)
         start = time.perf_counter()
         evaluation, _ = evaluate_exact(trained, dev_set, out / "embeddings", encode,

@@ -210,3 +210,22 @@ def test_llama_decoder_loads_and_refuses_bidirectional(tmp_path, tiny_decoder):
     assert model.encode(["the capital of australia"], "query").shape == (1, 32)
     with pytest.raises(ValueError, match="'llama' has no bidirectional attention option"):
         load_config(BaseLMConfig(name=str(tmp_path / "llama"), bidirectional=True))
+
+
+def test_proxy_evaluation_is_fixed_and_reports_bm25_beside(tiny_msmarco, tiny_encoder):
+    from irbase.bm25 import BM25Config, BM25Index
+    from irbase.dataset import Dataset
+
+    from biencoder.evaluate import ProxyConfig, evaluate_proxy, proxy_corpus
+
+    ds = Dataset.from_dir(tiny_msmarco, "dev")
+    bm25 = BM25Index.build(ds.iter_collection(), BM25Config())
+    config = ProxyConfig(queries=3, bm25_depth=1, random_passages=1)
+    qids, pids = proxy_corpus(ds, bm25, config, seed=0)
+    assert (qids, pids) == proxy_corpus(ds, bm25, config, seed=0) and len(qids) == 3
+    assert {p for q in qids for p in ds.qrels[q]} <= set(pids)  # every judged passage is in
+    model = BiEncoder.from_base(BiEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_encoder))))
+    result = evaluate_proxy(model, ds, bm25, config, seed=0, bf16=False)
+    assert result["proxy_passages"] == len(pids)
+    assert result["proxy_bm25_recall@1"] == 1.0  # BM25 finds each tiny query's answer first
+    assert 0.0 <= result["proxy_recall@1"] <= 1.0 and "proxy_mrr@10" in result
