@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from tqdm import tqdm
 
-from irbase.artifacts import atomic_write_json, to_jsonable
+from irbase.artifacts import atomic_write_json, atomic_write_text, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         rank, world = init_distributed()
         micro_per_epoch = self.source.micro_batches_per_epoch(world)
+        if micro_per_epoch == 0:
+            raise ValueError(f"fewer training examples than one batch ({cfg.batch_size} x {world} processes)")
         steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
         total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -147,6 +149,10 @@ class Trainer:
             atomic_write_json(self.output_dir / "train_config.json",
                               {"train": cfg, "world_size": world, "total_steps": total, **self.run_info})
         log_path = self.output_dir / "train_log.jsonl"
+        if rank == 0 and log_path.is_file():  # drop what was logged after the checkpoint we resume from
+            kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+                    if json.loads(line)["step"] <= state["global_step"]]
+            atomic_write_text(log_path, "".join(line + "\n" for line in kept))
         bar = tqdm(total=total, initial=state["global_step"], desc="training", unit="step", disable=rank != 0)
         window_loss, window_n, window_start, window_examples = 0.0, 0, time.perf_counter(), 0
         engine.train()

@@ -73,6 +73,7 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, tiny_decoder):
         assert (a[key] - b[key]).abs().max().item() < 1e-6, key
     log = [json.loads(line) for line in (tmp_path / "b" / "run" / "biencoder" / "train_log.jsonl").open()]
     assert log[-1]["step"] == steps and {"loss", "lr", "examples_per_s"} <= set(log[-1])
+    assert [r["step"] for r in log] == list(range(5, steps + 1, 5))  # no step logged twice after the resume
     evaluation = json.loads((tmp_path / "b" / "run" / "biencoder" / "eval.json").read_text())
     assert set(evaluation["dev"]) >= {"recall@1", "mrr@10", "recall@100"}
     kept = sorted(p.name for p in latest.parent.glob("step-*"))
