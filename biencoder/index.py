@@ -64,6 +64,7 @@ def maybe_gpu(index: faiss.Index, config: IndexConfig) -> faiss.Index:
 class DenseIndex:
     def __init__(self, index: faiss.Index, pids: np.ndarray, config: IndexConfig):
         self.index, self.pids, self.config = index, pids, config
+        self._searcher = maybe_gpu(index, config)  # moved once, not on every query
 
     @classmethod
     def from_embeddings(cls, embeddings: np.ndarray, pids: Sequence[str], config: IndexConfig) -> "DenseIndex":
@@ -81,7 +82,7 @@ class DenseIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         k = min(k, len(self.pids))
-        scores, rows = maybe_gpu(self.index, self.config).search(np.ascontiguousarray(queries, np.float32), k)
+        scores, rows = self._searcher.search(np.ascontiguousarray(queries, np.float32), k)
         return scores, [[str(self.pids[r]) for r in row if r >= 0] for row in rows]
 
     def save(self, path: str | Path, inputs: dict[str, str]) -> None:
