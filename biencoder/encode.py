@@ -10,7 +10,6 @@ each process encodes shards i with i % world_size == rank.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shutil
@@ -24,8 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from irbase.artifacts import (ArtifactError, atomic_path, atomic_write_json, file_fingerprint, read_manifest,
-                              write_manifest)
+from irbase.artifacts import (ArtifactError, atomic_path, atomic_write_json, file_fingerprint, model_fingerprint,
+                              read_manifest, write_manifest)
 from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset, add_dataset_args, dataset_from_args
 from irbase.runconfig import DataConfig, stage_dir
@@ -44,13 +43,6 @@ class EncodeConfig:
     bf16: bool = True          # bf16 autocast for the forward pass (cosine 0.99999 to fp32 here)
     dim: int | None = None     # a Matryoshka prefix; None: full size
     threads: int | None = None
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """The model's identity for the artifacts built from it: a hash of its saved weights."""
-    model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.rglob("*") if p.suffix in {".safetensors", ".pt", ".json"})
-    return "sha256:" + hashlib.sha256("".join(file_fingerprint(p) for p in files).encode()).hexdigest()
 
 
 def encode_collection(model: BiEncoder, passages: Sequence[tuple[str, str]], out_dir: str | Path,

@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from irbase.artifacts import ArtifactError, file_fingerprint, read_manifest
+from irbase.artifacts import ArtifactError, file_fingerprint, model_fingerprint, read_manifest
 from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset
 from irbase.negatives import write_negatives
 from irbase.runconfig import DataConfig, RunConfig, stage_dir
 
-from biencoder.encode import EncodeConfig, model_fingerprint
+from biencoder.encode import EncodeConfig
 from biencoder.evaluate import search_queries
 from biencoder.index import DenseIndex, IndexConfig
 from biencoder.model import BiEncoder

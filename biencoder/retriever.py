@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from irbase.artifacts import model_fingerprint
 from irbase.search import Result, check_query
 
-from biencoder.encode import model_fingerprint
 from biencoder.index import DenseIndex
 from biencoder.model import BiEncoder
 

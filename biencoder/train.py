@@ -11,25 +11,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import torch
 
 from irbase.artifacts import atomic_write_json, file_fingerprint
 from irbase.bm25 import BM25Config, build_or_load
 from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset
-from irbase.negatives import read_negatives
-from irbase.runconfig import DataConfig, RunConfig
+from irbase.examples import NegativesConfig, TrainExamples, load_negative_lists
+from irbase.runconfig import DataConfig, RunConfig, seed_everything
 from irbase.training import TrainConfig, Trainer
 
-from biencoder.data import NegativesConfig, TrainBatches, TrainExamples
+from biencoder.data import TrainBatches
 from biencoder.encode import EncodeConfig, collection_inputs
 from biencoder.evaluate import ProxyConfig, evaluate_exact, evaluate_proxy
 from biencoder.model import BiEncoder, BiEncoderConfig
@@ -49,12 +46,6 @@ class BiEncoderRecipe:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)  # for final_eval=proxy and train.eval_every
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def load_recipe(config_path: str | None, overrides: Sequence[str]) -> tuple[RunConfig, DataConfig, BiEncoderRecipe]:
     return (load_section(config_path, "run", RunConfig, overrides),
             load_section(config_path, "data", DataConfig, overrides),
@@ -67,13 +58,7 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     out = Path(run.dir) / recipe.name
     train_set = Dataset.from_dir(data.root, data.train_split)
     dev_set = Dataset.from_dir(data.root, data.dev_split)
-    negative_lists = []
-    for path in recipe.negatives.files:
-        path = Path(path.format(run_dir=run.dir, data_root=data.root))
-        if not path.is_file():
-            raise FileNotFoundError(f"biencoder.negatives.files: {path} not found (BM25 negatives come from "
-                                    f"`python -m irbase.bm25 mine --config {config_path}`)")
-        negative_lists.append(read_negatives(path))
+    negative_lists = load_negative_lists(recipe.negatives.files, run.dir, data.root, "biencoder.negatives.files")
     examples = TrainExamples.build(train_set.all_queries, train_set.qrels, train_set.collection, negative_lists,
                                    recipe.negatives, run.seed, recipe.max_train_queries)
     log.info("%d training queries, %d with mined negatives", len(examples),

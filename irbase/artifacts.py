@@ -104,6 +104,13 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """A saved model's identity for the artifacts built from it: a hash of its weights and configs."""
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.rglob("*") if p.suffix in {".safetensors", ".pt", ".json", ".npy"})
+    return "sha256:" + hashlib.sha256("".join(file_fingerprint(p) for p in files).encode()).hexdigest()
+
+
 def environment() -> dict[str, Any]:
     """Versions and machine facts recorded beside every run and benchmark."""
     packages = {}

@@ -1,6 +1,7 @@
 """The config sections every package reads: where the data is and where runs go."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,3 +27,12 @@ def stage_dir(config_path: str | None, overrides: Sequence[str], section: str) -
     run = load_section(config_path, "run", RunConfig, overrides)
     name = load_yaml(config_path, overrides).get(section, {}).get("name", section)
     return Path(run.dir) / name
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from irbase.artifacts import ArtifactError
 from irbase.lm import BaseLMConfig, BaseModelRefused, check_base_model, load_config, resolve
 
-from biencoder.data import NegativesConfig, TrainBatches, TrainExamples
+from biencoder.data import TrainBatches
+from irbase.examples import NegativesConfig, TrainExamples
 from biencoder.encode import EncodeConfig, encode_collection, iter_shards
 from biencoder.index import DenseIndex, IndexConfig, recall_against_exact
 from biencoder.loss import info_nce, matryoshka_info_nce
@@ -141,8 +142,8 @@ def test_batches_mask_false_negatives_and_shard_over_ranks(tiny_decoder):
                               PASSAGES, [], NegativesConfig(), 0)
     source = TrainBatches(big, 2, model.tokenize)
     assert source.micro_batches_per_epoch(2) == 2
-    order = source.epoch_order(0)
-    assert order == source.epoch_order(0) != source.epoch_order(1)
+    order = source.order.order(0)
+    assert order == source.order.order(0) != source.order.order(1)
 
 
 def test_encode_resumes_from_finished_shards(tmp_path, tiny_encoder):

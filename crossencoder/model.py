@@ -1,0 +1,130 @@
+"""The cross-encoder: a base-LM backbone reading (query, passage) together and a linear scoring head
+over one pooled state (the last token for decoders, [CLS] for encoders)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from irbase.artifacts import atomic_dir, atomic_write_json
+from irbase.config import from_dict
+from irbase.lm import BaseLMConfig, is_decoder, load_backbone
+
+from crossencoder.pairs import PairEncoder, PairFormat
+
+CONFIG_FILE = "crossencoder.json"
+POOLINGS = ("auto", "last", "cls", "mean")
+LOSSES = ("listwise", "bce")
+
+
+@dataclass
+class CrossEncoderConfig:
+    base_lm: BaseLMConfig = field(default_factory=BaseLMConfig)
+    pooling: str = "auto"             # auto: last non-pad token for decoders, first ([CLS]) for encoders
+    max_length: int = 192             # query + passage + special tokens
+    query_max_length: int = 32
+    query_prefix: str = "query: "
+    passage_prefix: str = " passage: "
+    loss: str = "listwise"            # listwise: softmax CE over 1 positive + G-1 negatives; bce: per pair
+    freeze_embeddings: bool = True    # the 262k-token embedding matrix is most of Gemma: keep it fixed
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"crossencoder.pooling {self.pooling!r}: expected one of {', '.join(POOLINGS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"crossencoder.loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "last":
+        last = mask.sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if how == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return hidden[:, 0]
+
+
+def group_loss(logits: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
+    """Logits of groups laid out [positive, negatives...] one group after another."""
+    groups = logits.view(-1, group_size)
+    if kind == "listwise":
+        return F.cross_entropy(groups.float(), torch.zeros(groups.shape[0], dtype=torch.long, device=logits.device))
+    labels = torch.zeros_like(groups, dtype=torch.float32)
+    labels[:, 0] = 1.0
+    return F.binary_cross_entropy_with_logits(groups.float(), labels)
+
+
+class CrossEncoder(nn.Module):
+    def __init__(self, config: CrossEncoderConfig, backbone: nn.Module, head: nn.Linear, pairs: PairEncoder):
+        super().__init__()
+        self.config, self.backbone, self.head, self.pairs = config, backbone, head, pairs
+        self.decoder = is_decoder(backbone.config)
+        self.pooling = config.pooling if config.pooling != "auto" else ("last" if self.decoder else "cls")
+        if config.freeze_embeddings:
+            backbone.get_input_embeddings().weight.requires_grad_(False)
+
+    @classmethod
+    def from_base(cls, config: CrossEncoderConfig, seed: int = 0) -> "CrossEncoder":
+        backbone, tokenizer, _ = load_backbone(config.base_lm)
+        torch.manual_seed(seed)
+        head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        fmt = PairFormat.for_tokenizer(tokenizer, is_decoder(backbone.config), query_prefix=config.query_prefix,
+                                       passage_prefix=config.passage_prefix, max_length=config.max_length,
+                                       query_max_length=config.query_max_length)
+        return cls(config, backbone, head, PairEncoder(tokenizer.backend_tokenizer, fmt))
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(pool(hidden, attention_mask, self.pooling)).squeeze(-1)
+
+    def forward(self, input_ids, attention_mask, group_size: int, num_examples=None) -> torch.Tensor:
+        return group_loss(self.logits(input_ids, attention_mask), group_size, self.config.loss)
+
+    @torch.inference_mode()
+    def score(self, query: str, passages: Sequence[str], batch_size: int = 32, bf16: bool = False) -> np.ndarray:
+        """float32 scores of each passage for the query, in input order."""
+        self.eval()
+        device = next(self.parameters()).device
+        out = np.zeros(len(passages), dtype=np.float32)
+        order = np.argsort([len(p) for p in passages], kind="stable")  # similar lengths share a batch
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            ids, mask = self.pairs.encode(query, [passages[i] for i in chunk])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = self.logits(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+            out[chunk] = logits.float().cpu().numpy()
+        return out
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """HF folder for the backbone, the head, the pair format and tokenizer; all or nothing."""
+        with atomic_dir(path) as tmp:
+            self.backbone.save_pretrained(tmp / "backbone")
+            torch.save(self.head.state_dict(), tmp / "head.pt")
+            self.pairs.save(tmp)
+            atomic_write_json(tmp / CONFIG_FILE, {"crossencoder": dataclasses.asdict(self.config),
+                                                  "decoder": self.decoder, "pooling": self.pooling, **(extra or {})})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CrossEncoder":
+        from transformers import AutoModel
+
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a saved cross-encoder (no {CONFIG_FILE}); "
+                                    "train one with: python -m crossencoder.train --config configs/mini.yaml")
+        saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = from_dict(CrossEncoderConfig, saved["crossencoder"], str(path / CONFIG_FILE))
+        backbone = AutoModel.from_pretrained(path / "backbone", dtype=torch.float32)
+        head = nn.Linear(backbone.config.hidden_size, 1)
+        head.load_state_dict(torch.load(path / "head.pt", weights_only=True))
+        return cls(config, backbone, head, PairEncoder.from_dir(path))

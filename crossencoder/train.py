@@ -1,0 +1,113 @@
+"""Train the cross-encoder with DeepSpeed, then measure it reranking BM25's top candidates on dev.
+
+    python -m crossencoder.train --config configs/mini.yaml [section.key=value ...]
+    deepspeed --num_gpus 4 -m crossencoder.train --config configs/msmarco.yaml
+
+Writes <run.dir>/<crossencoder.name>/: model/ (HF backbone + head + tokenizer + pair format),
+checkpoints/ (resumed from automatically), train_log.jsonl and eval.json.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from irbase.artifacts import atomic_write_json, file_fingerprint
+from irbase.bm25 import BM25Config, build_or_load
+from irbase.config import add_config_args, load_section
+from irbase.dataset import Dataset
+from irbase.examples import NegativesConfig, TrainExamples, load_negative_lists
+from irbase.runconfig import DataConfig, RunConfig, seed_everything
+from irbase.training import TrainConfig, Trainer
+
+from crossencoder.data import GroupBatches
+from crossencoder.evaluate import RerankEvalConfig, eval_queries, metrics, rerank
+from crossencoder.model import CrossEncoder, CrossEncoderConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CrossEncoderRecipe:
+    name: str = "crossencoder"              # subdirectory of run.dir
+    model: CrossEncoderConfig = field(default_factory=CrossEncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    negatives: NegativesConfig = field(default_factory=lambda: NegativesConfig(per_query=7))  # G-1
+    max_train_queries: int | None = None    # a slice, for smoke runs
+    eval: RerankEvalConfig = field(default_factory=RerankEvalConfig)
+    final_eval: bool = True
+
+
+def bm25_candidates(run_dir: Path, dataset: Dataset, config: BM25Config, qids: Sequence[str],
+                    depth: int) -> dict[str, list[str]]:
+    index = build_or_load(run_dir / "bm25", dataset, config)
+    ranked = index.search_ids([dataset.all_queries[q] for q in qids], depth)
+    return {qid: [pid for pid, _ in hits] for qid, hits in zip(qids, ranked)}
+
+
+def train(config_path: str | None, overrides: Sequence[str]) -> Path:
+    run = load_section(config_path, "run", RunConfig, overrides)
+    data = load_section(config_path, "data", DataConfig, overrides)
+    recipe = load_section(config_path, "crossencoder", CrossEncoderRecipe, overrides)
+    seed_everything(run.seed)
+    out = Path(run.dir) / recipe.name
+    train_set = Dataset.from_dir(data.root, data.train_split)
+    negative_lists = load_negative_lists(recipe.negatives.files, run.dir, data.root, "crossencoder.negatives.files")
+    examples = TrainExamples.build(train_set.all_queries, train_set.qrels, train_set.collection, negative_lists,
+                                   recipe.negatives, run.seed, recipe.max_train_queries)
+    log.info("%d training queries, groups of %d", len(examples), recipe.negatives.per_query + 1)
+
+    model = CrossEncoder.from_base(recipe.model, run.seed)
+    source = GroupBatches(examples, recipe.train.batch_size, model.pairs)
+    start = time.perf_counter()
+    trained = Trainer(model, recipe.train, out, source, run_info={"recipe": asdict(recipe), "seed": run.seed}).train()
+    train_seconds = time.perf_counter() - start
+    if int(os.environ.get("RANK", 0)) != 0:
+        return out
+    trained.save(out / "model", extra={"recipe": asdict(recipe), "seed": run.seed,
+                                       "train_collection": file_fingerprint(train_set.collection_path)})
+    summary = {"train_seconds": train_seconds, "train_queries": len(examples)}
+    if recipe.final_eval:
+        dev_set = Dataset.from_dir(data.root, data.dev_split)
+        qids = eval_queries(dev_set, recipe.eval.queries, run.seed)
+        bm25 = load_section(config_path, "bm25", BM25Config, overrides)
+        candidates = bm25_candidates(Path(run.dir), dev_set, bm25, qids, max(recipe.eval.depth, 100))
+        first = {q: [(p, -i) for i, p in enumerate(pids)] for q, pids in candidates.items()}
+        start = time.perf_counter()
+        reranked, _ = rerank(_Bf16(trained), dev_set, candidates, qids, recipe.eval.depth)
+        summary.update(dev_split=dev_set.split, eval_queries=len(qids), eval_depth=recipe.eval.depth,
+                       bm25=metrics(first, dev_set), reranked=metrics(reranked, dev_set),
+                       eval_seconds=time.perf_counter() - start)
+        for name in ("bm25", "reranked"):
+            print(name, " ".join(f"{k}={v:.4f}" for k, v in summary[name].items()))
+    atomic_write_json(out / "eval.json", summary)
+    print(f"trained in {train_seconds / 60:.1f} min -> {out / 'model'}")
+    return out
+
+
+class _Bf16:
+    def __init__(self, model: CrossEncoder):
+        self.model = model
+
+    def score(self, query, passages):
+        return self.model.score(query, passages, bf16=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m crossencoder.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    train(args.config, args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The cross-encoder: pair layout, losses by hand, batches, ONNX export parity (encoder and decoder
+kinds), runtime scoring, refusal of an export beyond tolerance, vocabulary shrinking, and training."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from irbase.examples import NegativesConfig, TrainExamples
+from irbase.lm import BaseLMConfig
+from tests.conftest import PASSAGES, QRELS, QUERIES, write_tsv
+
+from crossencoder.data import GroupBatches
+from crossencoder.export import ExportConfig, ExportRefused, Tolerance, export_variants, parity
+from crossencoder.model import CrossEncoder, CrossEncoderConfig, group_loss
+from crossencoder.runtime import OnnxReranker
+from crossencoder.vocab import VocabShrink, shrink_embeddings
+
+REPO = Path(__file__).resolve().parents[1]
+GROUPS = [(q, list(PASSAGES.values())) for q in QUERIES.values()]
+ALL_TEXTS = [("passage", t) for t in PASSAGES.values()] + [("query", q) for q in QUERIES.values()]
+
+
+def _model(lm: Path, **kwargs) -> CrossEncoder:
+    model = CrossEncoder.from_base(CrossEncoderConfig(base_lm=BaseLMConfig(name=str(lm), bidirectional=True)
+                                                      if "decoder" in str(lm) else BaseLMConfig(name=str(lm)),
+                                                      **kwargs))
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.head.weight, std=1.0)  # spread the untrained scores so rankings mean something
+    return model.eval()
+
+
+def test_group_losses_by_hand():
+    logits = torch.tensor([2.0, 0.0, 1.0, -1.0, 0.5, 0.5])
+    listwise = group_loss(logits, 3, "listwise").item()
+    expected = (-math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(1)))
+                - math.log(math.exp(-1) / (math.exp(-1) + 2 * math.exp(0.5)))) / 2
+    assert listwise == pytest.approx(expected, rel=1e-6)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    bce = -(math.log(sig(2)) + math.log(1 - sig(0)) + math.log(1 - sig(1))
+            + math.log(sig(-1)) + 2 * math.log(1 - sig(0.5))) / 6
+    assert group_loss(logits, 3, "bce").item() == pytest.approx(bce, rel=1e-6)
+
+
+def test_pair_layout_decoder_and_encoder(tiny_decoder, tiny_encoder):
+    dec = _model(tiny_decoder, max_length=16, query_max_length=4)
+    ids, mask = dec.pairs.encode("what is the capital of australia", [PASSAGES["p1"], "goldfish"])
+    fmt = dec.pairs.format
+    assert ids.shape[1] == 16 and mask[0].sum() == 16  # truncated to max_length
+    assert ids[0, 0] == fmt.prefix[0] and ids[0, 15] == fmt.suffix[0]  # <bos> first, <eos> kept last
+    short = int(mask[1].sum())
+    assert ids[1, short - 1] == fmt.suffix[0] and (ids[1, short:] == fmt.pad_id).all()
+    query = dec.pairs.encode_query("what is the capital of australia")
+    assert len(query) == 4 and list(ids[0, 1:5]) == query  # the query is cut at query_max_length
+    enc = _model(tiny_encoder)
+    ids, mask = enc.pairs.encode("goldfish", ["goldfish grow"])
+    tok = enc.pairs.tokenizer
+    tokens = [tok.id_to_token(int(i)) for i in ids[0]]
+    assert tokens[0] == "[CLS]" and tokens.count("[SEP]") == 2 and tokens[-1] == "[SEP]"
+
+
+def test_groups_put_positive_first_and_never_a_positive_among_negatives(tiny_decoder):
+    model = _model(tiny_decoder)
+    qrels = {"q1": {"p1": 1, "p2": 1}, "q2": {"p3": 1}}
+    examples = TrainExamples.build(QUERIES, qrels, PASSAGES, [{"q1": ["p2", "p3", "p4"], "q2": ["p3", "p1"]}],
+                                   NegativesConfig(per_query=3), seed=0)
+    batches = GroupBatches(examples, 2, model.pairs)
+    batch = next(batches.batches(0, 0, 0, 1))
+    assert batch["group_size"] == 4 and batch["input_ids"].shape[0] == 8
+    for g, qid in enumerate(batches.order.order(0)[:2]):
+        positive, negatives = examples.sample(qid, 0, batches.all_pids)
+        assert positive in qrels[qid] and not set(negatives) & set(qrels[qid])
+        expected, _ = model.pairs.encode(QUERIES[qid], [PASSAGES[p] for p in [positive] + negatives])
+        got = batch["input_ids"][g * 4:(g + 1) * 4].numpy()
+        assert (got[:, : expected.shape[1]] == expected).all()
+    loss = model(**batch)
+    assert loss.ndim == 0 and loss.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_export_parity_runtime_and_save_load(tmp_path, kind, tiny_decoder, tiny_encoder):
+    model = _model(tiny_decoder if kind == "decoder" else tiny_encoder)
+    model.save(tmp_path / "model")
+    loaded = CrossEncoder.load(tmp_path / "model").eval()
+    for q, ps in GROUPS:
+        assert np.allclose(loaded.score(q, ps), model.score(q, ps), atol=1e-6)
+    config = ExportConfig(variants=["fp32", "int8"])
+    if kind == "encoder":  # a random BERT scores every pair within ~0.02: int8 noise reorders those near-ties
+        config.tolerance["int8"] = Tolerance(max_abs=0.2, min_spearman=-1.0)
+    reports = export_variants(model, tmp_path / "onnx", config, GROUPS)
+    assert reports["fp32"]["max_abs"] < 1e-4 and reports["fp32"]["spearman"] > 0.999
+    assert reports["int8"]["max_abs"] < 0.5
+    runtime = OnnxReranker(tmp_path / "onnx" / "fp32", threads=1, batch_size=2)  # several batches, length-sorted
+    assert runtime.provider == "CPUExecutionProvider"
+    for q, ps in GROUPS:
+        np.testing.assert_allclose(runtime.score(q, ps), model.score(q, ps), atol=1e-4)
+    assert runtime.score("anything", []).shape == (0,)
+    saved = json.loads((tmp_path / "onnx" / "int8" / "export.json").read_text())
+    assert saved["variant"] == "int8" and saved["held_pairs"] == 24
+
+
+def test_export_beyond_tolerance_is_refused_and_not_saved(tmp_path, tiny_decoder):
+    model = _model(tiny_decoder)
+    strict = ExportConfig(variants=["int8"], tolerance={"int8": Tolerance(max_abs=1e-9, min_spearman=1.0)})
+    with pytest.raises(ExportRefused, match="int8 export disagrees"):
+        export_variants(model, tmp_path / "onnx", strict, GROUPS)
+    assert not (tmp_path / "onnx" / "int8").exists()
+    assert not list((tmp_path / "onnx").glob("*")) if (tmp_path / "onnx").exists() else True
+
+
+def test_runtime_refuses_an_unchecked_export(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="export.json"):
+        OnnxReranker(tmp_path)
+
+
+def test_parity_measures():
+    a = [np.array([3.0, 2.0, 1.0]), np.array([0.0, 1.0])]
+    report = parity(a, [np.array([3.0, 1.0, 2.5]), np.array([0.0, 1.5])])
+    assert report["max_abs"] == pytest.approx(1.5)
+    assert report["spearman"] == pytest.approx((0.5 + 1.0) / 2)
+    assert report["top1_agreement"] == 1.0
+
+
+def test_shrunk_vocabulary_keeps_scores_and_maps_unseen_tokens(tmp_path, tiny_decoder):
+    model = _model(tiny_decoder)
+    shrink = VocabShrink.from_texts(model.pairs, ALL_TEXTS[1:])  # p1's words that appear nowhere else: dropped
+    assert shrink.stats["kept"] < shrink.stats["original"]
+    small = shrink_embeddings(model, shrink).eval()
+    assert small.backbone.get_input_embeddings().weight.shape[0] == shrink.stats["kept"]
+    for q, ps in GROUPS:
+        np.testing.assert_allclose(small.score(q, ps[1:]), model.score(q, ps[1:]), atol=1e-5)  # all kept: same
+    unseen = model.pairs.tokenizer.token_to_id("Canberra")
+    assert shrink.vocab_map[unseen] == -1
+    ids = small.pairs.token_ids(["Canberra"])[0]
+    assert ids == [int(shrink.vocab_map[small.pairs.format.unk_id])]  # no byte tokens here: unk
+    reports = export_variants(model, tmp_path / "onnx", ExportConfig(variants=["fp32"]), GROUPS[:1], shrink=None)
+    big = (tmp_path / "onnx" / "fp32" / "model.onnx").stat().st_size
+    groups = [(q, ps[1:]) for q, ps in GROUPS]
+    export_variants(model, tmp_path / "small", ExportConfig(variants=["fp32"]), groups, shrink=shrink)
+    assert (tmp_path / "small" / "fp32" / "model.onnx").stat().st_size < big and reports
+    runtime = OnnxReranker(tmp_path / "small" / "fp32", threads=1)
+    for q, ps in groups:
+        np.testing.assert_allclose(runtime.score(q, ps), model.score(q, ps), atol=1e-4)
+
+
+def test_training_end_to_end(tmp_path, tiny_decoder):
+    data = tmp_path / "data"
+    write_tsv(data / "collection.tsv", PASSAGES.items())
+    for split in ("train", "dev"):
+        write_tsv(data / f"queries.{split}.tsv", QUERIES.items())
+        write_tsv(data / f"qrels.{split}.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
+    write_tsv(tmp_path / "mined.tsv", [("q1", "p2", 1, 3.0), ("q2", "p5", 1, 1.0)])
+    config = tmp_path / "config.yaml"
+    config.write_text(f"""
+run: {{dir: {tmp_path / 'run'}, seed: 7}}
+data: {{root: {data}}}
+crossencoder:
+  model: {{base_lm: {{name: {tiny_decoder}, num_layers: 2, bidirectional: true}}, max_length: 48}}
+  train: {{deepspeed_config: {REPO / 'configs/deepspeed/cpu_fp32.json'}, batch_size: 2, max_steps: 6,
+          save_every: 3, log_every: 2, learning_rate: 0.001, threads: 1}}
+  negatives: {{files: ["{tmp_path / 'mined.tsv'}"], per_query: 2}}
+  eval: {{queries: null, depth: 5}}
+""")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "crossencoder.train", "--config", str(config)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    stage = tmp_path / "run" / "crossencoder"
+    evaluation = json.loads((stage / "eval.json").read_text())
+    assert evaluation["eval_queries"] == 4 and set(evaluation["reranked"]) >= {"recall@1", "mrr@10"}
+    log = [json.loads(line) for line in (stage / "train_log.jsonl").open()]
+    assert [r["step"] for r in log] == [2, 4, 6]
+    assert (stage / "checkpoints" / "latest.json").is_file()
+    model = CrossEncoder.load(stage / "model")
+    assert model.score("goldfish", ["a", "b"]).shape == (2,)
