@@ -5,6 +5,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable
 
+from irbase.artifacts import file_fingerprint
 from irbase.bm25 import BM25Config, build_or_load
 from irbase.config import load_section
 from irbase.dataset import Dataset
@@ -27,9 +28,23 @@ def _biencoder(config_path: str | None, overrides: list[str], dataset: Dataset) 
     return retriever, {"run_dir": str(base), "index": retriever.index.config}
 
 
+def _pipeline(config_path: str | None, overrides: list[str], dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
+    from pipeline.retriever import Retriever
+
+    run = load_section(config_path, "run", RunConfig, overrides)
+    retriever = Retriever(run.dir)
+    if retriever.record.corpus and retriever.record.corpus.get("collection") != file_fingerprint(
+            dataset.collection_path):
+        raise ValueError(f"{run.dir} indexes another collection than {dataset.collection_path}; "
+                         "call Retriever.embed_and_store_corpus on it first")
+    retriever.warmup()
+    return retriever, retriever.describe()
+
+
 SYSTEMS: dict[str, Callable[[str | None, list[str], Dataset], tuple[Searcher, dict[str, Any]]]] = {
     "bm25": _bm25,
     "biencoder": _biencoder,
+    "pipeline": _pipeline,
 }
 
 

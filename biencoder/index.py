@@ -80,10 +80,16 @@ class DenseIndex:
         ids, vectors = zip(*((i, np.asarray(v, dtype=np.float32)) for i, v in iter_shards(shard_dir)))
         return cls.from_embeddings(np.concatenate(vectors), np.concatenate(ids), config)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+    def search(self, queries: np.ndarray, k: int) -> tuple[list[np.ndarray], list[list[str]]]:
+        """Per query, scores and passage ids by descending score; k >= the corpus returns all of it."""
         k = min(k, len(self.pids))
-        scores, rows = self._searcher.search(np.ascontiguousarray(queries, np.float32), k)
-        return scores, [[str(self.pids[r]) for r in row if r >= 0] for row in rows]
+        searcher = self._searcher
+        if k == len(self.pids) and isinstance(self.index, faiss.IndexHNSW):
+            searcher = faiss.downcast_index(self.index.storage)  # a graph walk may miss some: go exhaustive
+        scores, rows = searcher.search(np.ascontiguousarray(queries, np.float32), k)
+        keep = rows >= 0
+        return ([s[m] for s, m in zip(scores, keep)],
+                [[str(self.pids[r]) for r in row[m]] for row, m in zip(rows, keep)])
 
     def save(self, path: str | Path, inputs: dict[str, str]) -> None:
         with atomic_dir(path) as tmp:

@@ -1,1 +1,5 @@
-"""What users touch: the Retriever that chains the first stage and the reranker."""
+"""Retrieve and rerank: `from pipeline import Retriever, Result`."""
+from irbase.search import Result
+from pipeline.retriever import Retriever, SearchResponse
+
+__all__ = ["Result", "Retriever", "SearchResponse"]

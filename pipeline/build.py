@@ -1,0 +1,196 @@
+"""Build the whole system from a config, as named stages:
+
+    python -m pipeline.build --config configs/mini.yaml [--only STAGE ...] [--force STAGE ...] [key=value ...]
+
+base-lm, bm25-negatives, biencoder (round 1), mine, biencoder-r2, crossencoder, export, corpus
+(encoding, HNSW index, passage store), benchmark (the Retriever on dev). A stage whose recorded key
+(its command, the config sections it reads, and the keys of the stages before it) is unchanged and whose
+outputs exist is skipped; an interrupted stage is simply run again and resumes (training from its last
+checkpoint, encoding from its last finished shard). Stage records live in <run.dir>/stages/.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from irbase.artifacts import atomic_write_json, model_fingerprint, to_jsonable
+from irbase.config import add_config_args, load_section, load_yaml
+from irbase.dataset import Dataset
+from irbase.runconfig import DataConfig, RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class BuildConfig:
+    round2: list[str] = field(default_factory=lambda: [     # overrides that turn biencoder into round 2
+        "biencoder.name=biencoder-r2", "biencoder.init_from={run_dir}/biencoder/model",
+        'biencoder.negatives.files=["{run_dir}/negatives.biencoder.tsv","{data_root}/negatives.train.tsv"]'])
+    benchmark_split: str = "dev"
+
+
+@dataclass
+class Stage:
+    name: str
+    sections: list[str]                      # config sections whose values decide the outputs
+    outputs: list[str]                       # paths (relative to run.dir) that must exist when done
+    command: list[str] | None = None         # a `python -m` command line, or
+    action: Callable[[], None] | None = None  # an in-process step
+
+
+class Builder:
+    def __init__(self, config_path: str, overrides: Sequence[str]):
+        self.config_path, self.overrides = config_path, list(overrides)
+        self.raw = load_yaml(config_path, self.overrides)
+        self.run = load_section(config_path, "run", RunConfig, self.overrides)
+        self.data = load_section(config_path, "data", DataConfig, self.overrides)
+        self.build = load_section(config_path, "build", BuildConfig, self.overrides)
+        self.run_dir = Path(self.run.dir)
+        self.r2 = [o.format(run_dir=self.run.dir, data_root="{data_root}") for o in self.build.round2]
+        r2_name = next((o.split("=", 1)[1] for o in self.r2 if o.startswith("biencoder.name=")), "biencoder-r2")
+        self.r2_name = r2_name
+        ce_name = self.raw.get("crossencoder", {}).get("name", "crossencoder")
+
+        def cli(module: str, *extra: str) -> list[str]:
+            return [sys.executable, "-m", module, "--config", config_path, *extra, *self.overrides]
+
+        self.stages = [
+            Stage("base-lm", ["biencoder.model.base_lm", "crossencoder.model.base_lm"], [], action=self._base_lm),
+            Stage("bm25-negatives", ["data", "bm25"], ["negatives.bm25.tsv"], cli("irbase.bm25", "mine")),
+            Stage("biencoder", ["data", "biencoder", "encode"], ["biencoder/model", "biencoder/eval.json"],
+                  cli("biencoder.train")),
+            Stage("mine", ["data", "encode"], ["negatives.biencoder.tsv"], cli("biencoder.mine")),
+            Stage("biencoder-r2", ["data", "biencoder", "encode", "build.round2"],
+                  [f"{r2_name}/model", f"{r2_name}/eval.json"], cli("biencoder.train", *self.r2)),
+            Stage("crossencoder", ["data", "crossencoder"], [f"{ce_name}/model", f"{ce_name}/eval.json"],
+                  cli("crossencoder.train")),
+            Stage("export", ["data", "export"], [f"{ce_name}/onnx"], cli("crossencoder.export")),
+            Stage("corpus", ["data", "encode", "index", "pipeline"], ["pipeline.json", "corpus/index",
+                                                                     "corpus/passages.sqlite"], action=self._corpus),
+            Stage("benchmark", ["data", "benchmark", "pipeline"], [f"benchmarks/pipeline-{self.build.benchmark_split}"],
+                  cli("benchmarks.run", "--system", "pipeline", "--split", self.build.benchmark_split)),
+        ]
+
+    def _section(self, dotted: str):
+        node = self.raw
+        for part in dotted.split("."):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        return node
+
+    def key(self, stage: Stage, upstream: list[str]) -> str:
+        payload = {"command": [c for c in (stage.command or [])[1:]], "sections": {s: self._section(s)
+                                                                                   for s in stage.sections},
+                   "upstream": upstream}
+        return hashlib.sha256(json.dumps(to_jsonable(payload), sort_keys=True).encode()).hexdigest()[:16]
+
+    def _base_lm(self) -> None:
+        from irbase.lm import BaseLMConfig, resolve
+
+        for section in ("biencoder", "crossencoder"):
+            base = self._section(f"{section}.model.base_lm")
+            if base:
+                print(f"{section}: base LM at {resolve(BaseLMConfig(**base))}")
+
+    def _corpus(self) -> None:
+        from biencoder.encode import EncodeConfig
+        from biencoder.index import IndexConfig
+        from pipeline.config import RunRecord, ServingConfig
+        from pipeline.retriever import Retriever
+
+        serving = load_section(self.config_path, "pipeline", ServingConfig, self.overrides)
+        previous = None
+        if (self.run_dir / "pipeline.json").is_file():
+            previous = RunRecord.load(self.run_dir)
+        ce_model = self.run_dir / serving.crossencoder / "model"
+        record = RunRecord(
+            serving=serving,
+            fingerprints={"biencoder": model_fingerprint(self.run_dir / serving.biencoder / "model"),
+                          "crossencoder": model_fingerprint(ce_model)},
+            encode=asdict(load_section(self.config_path, "encode", EncodeConfig, self.overrides)),
+            index=asdict(load_section(self.config_path, "index", IndexConfig, self.overrides)),
+            sweep=previous.sweep if previous else None)
+        if previous and previous.sweep and previous.fingerprints == record.fingerprints:
+            record.serving.depth, record.serving.variant = previous.serving.depth, previous.serving.variant
+        record.save(self.run_dir)
+        dev = Dataset.from_dir(self.data.root, self.data.dev_split)
+        retriever = Retriever(self.run_dir, depth=0)
+        retriever.embed_and_store_corpus(dev.collection_path, embeddings_dir=self.run_dir / serving.biencoder
+                                         / "embeddings")
+
+    def run_all(self, only: Sequence[str] = (), force: Sequence[str] = ()) -> list[dict]:
+        known = [s.name for s in self.stages]
+        for name in [*only, *force]:
+            if name not in known:
+                raise SystemExit(f"unknown stage {name!r}; stages: {', '.join(known)}")
+        records_dir = self.run_dir / "stages"
+        summary, upstream = [], []
+        for stage in self.stages:
+            key = self.key(stage, upstream)
+            upstream = upstream + [key]
+            record_path = records_dir / f"{stage.name}.json"
+            recorded = json.loads(record_path.read_text()) if record_path.is_file() else {}
+            outputs_exist = all((self.run_dir / o).exists() for o in stage.outputs)
+            if only and stage.name not in only:
+                summary.append({"stage": stage.name, "status": "not selected", "seconds": 0.0})
+                continue
+            if recorded.get("key") == key and outputs_exist and stage.name not in force:
+                print(f"== {stage.name}: up to date, skipped")
+                summary.append({"stage": stage.name, "status": "skipped", "seconds": 0.0})
+                continue
+            print(f"== {stage.name}: " + (shlex.join(stage.command[1:]) if stage.command else "running"), flush=True)
+            start = time.perf_counter()
+            if stage.command:
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                                               os.environ.get("PYTHONPATH")]))}
+                result = subprocess.run(stage.command, cwd=os.getcwd(), env=env)
+                if result.returncode != 0:
+                    raise SystemExit(f"stage {stage.name} failed (exit {result.returncode}); fix it and run the "
+                                     "same command again: finished stages are skipped, this one resumes")
+            else:
+                stage.action()
+            seconds = time.perf_counter() - start
+            atomic_write_json(record_path, {"key": key, "seconds": seconds, "finished": time.time()})
+            summary.append({"stage": stage.name, "status": "ran", "seconds": seconds})
+        return summary
+
+
+def print_summary(summary: list[dict], run_dir: Path, split: str) -> None:
+    print("\nstage            status        minutes")
+    for row in summary:
+        print(f"{row['stage']:<16} {row['status']:<13} {row['seconds'] / 60:7.1f}")
+    print(f"total                          {sum(r['seconds'] for r in summary) / 60:7.1f}")
+    results = run_dir / "benchmarks" / f"pipeline-{split}" / "results.json"
+    if results.is_file():
+        saved = json.loads(results.read_text())
+        metrics = saved.get("metrics", {})
+        latency = saved.get("latency_ms", {})
+        print(f"\n{split}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+              + "  " + "  ".join(f"{k} {latency[k]:.0f} ms" for k in ("p50", "p95", "p99") if k in latency))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.build", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", default=[], metavar="STAGE", help="run just these stages")
+    parser.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="run these even if up to date")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    if not args.config:
+        parser.error("--config is required (e.g. configs/mini.yaml, or configs/smoke.yaml to try it in minutes)")
+    builder = Builder(args.config, args.overrides)
+    summary = builder.run_all(args.only, args.force)
+    print_summary(summary, builder.run_dir, builder.build.benchmark_split)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

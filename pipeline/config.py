@@ -1,0 +1,59 @@
+"""What a built run serves with, kept in <run>/pipeline.json: written by `pipeline.build`, its depth
+and variant rewritten by `benchmarks.sweep`, read by `Retriever()`."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from irbase.artifacts import ArtifactError, atomic_write_json
+from irbase.config import from_dict
+
+RUN_FILE = "pipeline.json"
+RUN_ENV = "MSMARCO_RERANK_RUN"
+BUILD_HINT = "python -m pipeline.build --config configs/mini.yaml"
+
+
+@dataclass
+class ServingConfig:
+    biencoder: str = "biencoder-r2"   # stage (subdirectory of the run) whose model encodes queries and corpus
+    crossencoder: str = "crossencoder"
+    variant: str = "int8"             # ONNX variant: fp32 | int8 | fp16 (GPU)
+    candidates: int = 100             # first-stage depth N
+    depth: int = 20                   # candidates reranked (chosen by benchmarks.sweep)
+    latency_budget_ms: float = 1000.0
+    safety_ms: float = 100.0          # kept free for what follows the last rerank batch
+    rerank_batch: int = 10            # pairs per onnxruntime call; the deadline is checked between calls
+    threads: int | None = None        # torch and onnxruntime threads (None: all cores)
+    query_bf16: bool = True
+
+
+@dataclass
+class RunRecord:
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    fingerprints: dict[str, str] = field(default_factory=dict)   # biencoder/crossencoder model ids at build
+    encode: dict[str, Any] = field(default_factory=dict)         # EncodeConfig for embed_and_store_corpus
+    index: dict[str, Any] = field(default_factory=dict)          # IndexConfig
+    corpus: dict[str, Any] | None = None                         # {"collection": fingerprint, "path": ...}
+    sweep: dict[str, Any] | None = None                          # the choice benchmarks.sweep made and why
+
+    def save(self, run_dir: str | Path) -> None:
+        atomic_write_json(Path(run_dir) / RUN_FILE, asdict(self))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "RunRecord":
+        path = Path(run_dir) / RUN_FILE
+        if not path.is_file():
+            state = "does not exist" if not Path(run_dir).exists() else f"is not a built run (no {RUN_FILE})"
+            raise ArtifactError(f"run directory {run_dir} {state}. Build it with: {BUILD_HINT}")
+        return from_dict(cls, json.loads(path.read_text(encoding="utf-8")), str(path))
+
+
+def default_run_dir() -> Path:
+    """$MSMARCO_RERANK_RUN, else runs/mini under the working directory, else under the repository."""
+    if os.environ.get(RUN_ENV):
+        return Path(os.environ[RUN_ENV])
+    local = Path("runs/mini")
+    return local if local.is_dir() else Path(__file__).resolve().parents[1] / "runs" / "mini"

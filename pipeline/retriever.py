@@ -1,0 +1,187 @@
+"""The system users touch: bi-encoder + HNSW first stage, ONNX cross-encoder rerank under a deadline.
+
+    from pipeline import Retriever
+    retriever = Retriever()                 # the default run (see pipeline.config.default_run_dir)
+    retriever.search("what is the capital of australia", k=10)
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from irbase import formats
+from irbase.artifacts import ArtifactError, file_fingerprint, model_fingerprint, read_manifest
+from irbase.search import Result, check_query
+
+from biencoder.encode import EncodeConfig, encode_collection
+from biencoder.index import KIND as INDEX_KIND, DenseIndex, IndexConfig
+from biencoder.model import BiEncoder
+from crossencoder.runtime import OnnxReranker
+from pipeline.config import BUILD_HINT, RunRecord, ServingConfig, default_run_dir
+from pipeline.store import PassageStore
+
+CORPUS_DIR = "corpus"
+
+
+@dataclass
+class SearchResponse:
+    results: list[Result]
+    timings_ms: dict[str, float] = field(default_factory=dict)  # encode, ann, fetch, rerank, total
+    reranked: int = 0          # candidates the reranker scored
+    depth: int = 0             # candidates it was asked to score
+    cut_by_deadline: bool = False
+
+
+class Retriever:
+    """Thread-safe: `search` may be called from several threads at once."""
+
+    def __init__(self, run_dir: str | Path | None = None, *, depth: int | None = None, variant: str | None = None,
+                 latency_budget_ms: float | None = None, threads: int | None = None, verify: bool = True):
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
+        self.record = RunRecord.load(self.run_dir)
+        overrides = {k: v for k, v in {"depth": depth, "variant": variant, "latency_budget_ms": latency_budget_ms,
+                                       "threads": threads}.items() if v is not None}
+        self.serving: ServingConfig = replace(self.record.serving, **overrides)
+        if self.serving.depth < 0:
+            raise ValueError(f"depth must be >= 0, got {self.serving.depth}")
+        if self.serving.threads:
+            torch.set_num_threads(self.serving.threads)
+        model_dir = self.run_dir / self.serving.biencoder / "model"
+        if not model_dir.is_dir():
+            raise ArtifactError(f"{model_dir} is missing: the run is half built. Finish it with: {BUILD_HINT}")
+        self.model_id = model_fingerprint(model_dir) if verify else self.record.fingerprints.get("biencoder", "")
+        if verify and self.record.fingerprints.get("biencoder") not in (None, self.model_id):
+            raise ArtifactError(f"{model_dir} is not the bi-encoder this run was built with (weights changed); "
+                                f"rebuild with: {BUILD_HINT}")
+        self.model = BiEncoder.load(model_dir).eval()
+        self.reranker = self._load_reranker(self.serving.variant) if self.serving.depth > 0 else None
+        self.index: DenseIndex | None = None
+        self.store: PassageStore | None = None
+        if self.record.corpus:
+            self._load_corpus()
+        self._encode_lock = threading.Lock()  # one torch forward at a time: it already uses every core
+        self._stats_lock = threading.Lock()
+        self._ms_per_pair: float | None = None  # running estimate that decides how much fits the deadline
+
+    def _load_reranker(self, variant: str) -> OnnxReranker:
+        path = self.run_dir / self.serving.crossencoder / "onnx" / variant
+        if not (path / "model.onnx").is_file():
+            raise ArtifactError(f"{path} holds no exported cross-encoder: the run is half built. "
+                                f"Finish it with: {BUILD_HINT}")
+        reranker = OnnxReranker(path, threads=self.serving.threads, batch_size=self.serving.rerank_batch)
+        expected = self.record.fingerprints.get("crossencoder")
+        if expected and reranker.manifest.get("model") != expected:
+            raise ArtifactError(f"{path} was exported from another cross-encoder than this run's; "
+                                f"rebuild with: {BUILD_HINT}")
+        return reranker
+
+    def _load_corpus(self) -> None:
+        corpus = self.run_dir / CORPUS_DIR
+        self.index = DenseIndex.load(corpus / "index", {"model": self.model_id})
+        self.store = PassageStore(corpus / "passages.sqlite")
+        indexed = read_manifest(corpus / "index", INDEX_KIND)["inputs"].get("collection")
+        if indexed != self.store.collection:
+            raise ArtifactError(f"{corpus}: the passage store holds another collection than the index "
+                                f"({self.store.collection[:19]}... vs {str(indexed)[:19]}...); rebuild with "
+                                "embed_and_store_corpus or " + BUILD_HINT)
+        if len(self.store) != self.index.index.ntotal:
+            raise ArtifactError(f"{corpus}: {len(self.store)} stored passages but {self.index.index.ntotal} indexed")
+
+    def embed_and_store_corpus(self, corpus_path: str | Path, embeddings_dir: str | Path | None = None) -> None:
+        """Encode a collection (TSV or BEIR JSONL) with this run's bi-encoder, build the HNSW index and the
+        passage store, and persist them in the run; resumes from finished embedding shards."""
+        corpus_path = Path(corpus_path)
+        passages = list(formats.iter_collection(corpus_path))
+        if not passages:
+            raise ValueError(f"{corpus_path}: no passages")
+        collection = file_fingerprint(corpus_path)
+        inputs = {"collection": collection, "model": self.model_id}
+        corpus = self.run_dir / CORPUS_DIR
+        shards = Path(embeddings_dir) if embeddings_dir else corpus / "embeddings"
+        encode_collection(self.model, passages, shards, EncodeConfig(**self.record.encode), inputs, replace_stale=True)
+        index = DenseIndex.from_shards(shards, IndexConfig(**self.record.index))
+        index.save(corpus / "index", inputs)
+        PassageStore.build(corpus / "passages.sqlite", passages, collection, total=len(passages))
+        self.record.corpus = {"collection": collection, "path": str(corpus_path.resolve()), "passages": len(passages),
+                              "embeddings": str(shards)}
+        self.record.save(self.run_dir)
+        self._load_corpus()
+
+    def warmup(self, queries: int = 3) -> None:
+        """Compile paths and seed the per-pair cost estimate before the first timed search."""
+        for _ in range(queries):
+            self.search("warm up the model", 10)
+
+    def search(self, query: str, k: int) -> list[Result]:
+        return self.search_detailed(query, k).results
+
+    def search_detailed(self, query: str, k: int, depth: int | None = None) -> SearchResponse:
+        check_query(query, k)
+        if self.index is None or self.store is None:
+            raise ArtifactError(f"{self.run_dir} has no corpus yet: call embed_and_store_corpus(path) or run "
+                                f"{BUILD_HINT}")
+        serving = self.serving
+        depth = serving.depth if depth is None else depth
+        if depth > 0 and self.reranker is None:
+            self.reranker = self._load_reranker(serving.variant)
+        start = time.perf_counter()
+        deadline = start + (serving.latency_budget_ms - serving.safety_ms) / 1000.0
+        timings: dict[str, float] = {}
+
+        with self._encode_lock:
+            vector = self.model.encode([query], "query", bf16=serving.query_bf16)
+        t = _lap(timings, "encode", start)
+        scores, pids = self.index.search(vector, max(k, serving.candidates))
+        scores, pids = scores[0], pids[0]
+        t = _lap(timings, "ann", t)
+        depth = min(depth, len(pids))
+        texts = self.store.get_many(pids[: max(depth, k)])
+        t = _lap(timings, "fetch", t)
+
+        reranked: list[tuple[str, float]] = []
+        cut = False
+        position = 0
+        while position < depth:
+            batch = pids[position: position + serving.rerank_batch]
+            batch = batch[: depth - position]
+            estimate = (self._ms_per_pair or 0.0) * len(batch) / 1000.0
+            if time.perf_counter() + estimate > deadline:
+                cut = True
+                break
+            batch_start = time.perf_counter()
+            batch_scores = self.reranker.score(query, [texts[p] for p in batch])
+            self._observe((time.perf_counter() - batch_start) * 1000.0 / len(batch))
+            reranked.extend(zip(batch, map(float, batch_scores)))
+            position += len(batch)
+        t = _lap(timings, "rerank", t)
+
+        reranked.sort(key=lambda item: -item[1])
+        floor = min((s for _, s in reranked), default=0.0)
+        tail = [(p, floor - 1.0 - i * 1e-3 if reranked else float(s))
+                for i, (p, s) in enumerate(zip(pids[position:], scores[position:]))]
+        ranked = (reranked + tail)[:k]
+        missing = [p for p, _ in ranked if p not in texts]
+        if missing:
+            texts.update(self.store.get_many(missing))
+        results = [Result(p, texts.get(p, ""), s) for p, s in ranked]
+        timings["total"] = (time.perf_counter() - start) * 1000.0
+        return SearchResponse(results, timings, len(reranked), depth, cut)
+
+    def _observe(self, ms_per_pair: float) -> None:
+        with self._stats_lock:
+            previous = self._ms_per_pair
+            # the slower of the new sample and a decayed average: under load the estimate must rise fast
+            self._ms_per_pair = ms_per_pair if previous is None else max(ms_per_pair, 0.8 * previous + 0.2 * ms_per_pair)
+
+    def describe(self) -> dict:
+        return {"run_dir": str(self.run_dir), "serving": asdict(self.serving), "corpus": self.record.corpus}
+
+
+def _lap(timings: dict[str, float], name: str, since: float) -> float:
+    now = time.perf_counter()
+    timings[name] = (now - since) * 1000.0
+    return now

@@ -1,0 +1,167 @@
+"""The Retriever over a tiny run built in the test: ranking contract, deadline, bad input, refusal of
+half-built or inconsistent runs, thread safety, and the search CLI."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from irbase.artifacts import ArtifactError, model_fingerprint
+from irbase.lm import BaseLMConfig
+from tests.conftest import PASSAGES, QUERIES, write_tsv
+
+from biencoder.encode import EncodeConfig
+from biencoder.index import IndexConfig
+from biencoder.model import BiEncoder, BiEncoderConfig
+from crossencoder.export import ExportConfig, export_variants
+from crossencoder.model import CrossEncoder, CrossEncoderConfig
+from crossencoder.runtime import OnnxReranker
+from pipeline import Result, Retriever
+from pipeline.config import RunRecord, ServingConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_decoder, tiny_encoder) -> Path:
+    import torch
+
+    root = tmp_path_factory.mktemp("run")
+    collection = write_tsv(root / "data" / "collection.tsv", PASSAGES.items())
+    run = root / "run"
+    BiEncoder.from_base(BiEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_encoder)))).save(run / "bi" / "model")
+    ce = CrossEncoder.from_base(CrossEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_decoder), bidirectional=True)))
+    torch.nn.init.normal_(ce.head.weight, std=1.0)
+    ce.save(run / "ce" / "model")
+    export_variants(ce, run / "ce" / "onnx", ExportConfig(variants=["fp32"]),
+                    [(q, list(PASSAGES.values())) for q in QUERIES.values()],
+                    extra={"model": model_fingerprint(run / "ce" / "model")})
+    RunRecord(serving=ServingConfig(biencoder="bi", crossencoder="ce", variant="fp32", candidates=5, depth=3,
+                                    threads=1, rerank_batch=2, query_bf16=False),
+              fingerprints={"biencoder": model_fingerprint(run / "bi" / "model"),
+                            "crossencoder": model_fingerprint(run / "ce" / "model")},
+              encode=asdict(EncodeConfig(batch_size=4, shard_size=4, dtype="float32", bf16=False)),
+              index=asdict(IndexConfig(kind="hnsw", m=8, ef_construction=16, ef_search=16, gpu=False))).save(run)
+    Retriever(run, depth=0).embed_and_store_corpus(collection)
+    return run
+
+
+@pytest.fixture(scope="module")
+def retriever(tiny_run) -> Retriever:
+    return Retriever(tiny_run)
+
+
+def test_results_reranked_on_top_first_stage_below(retriever, tiny_run):
+    response = retriever.search_detailed("what is the capital of australia", 5)
+    results = response.results
+    assert len(results) == 5 and all(isinstance(r, Result) for r in results)
+    assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+    assert all(r.document_text == PASSAGES[r.document_id] for r in results)
+    first_stage = retriever.search_detailed("what is the capital of australia", 5, depth=0).results
+    top3 = [r.document_id for r in first_stage[:3]]
+    assert sorted(r.document_id for r in results[:3]) == sorted(top3) and response.reranked == 3
+    assert [r.document_id for r in results[3:]] == [r.document_id for r in first_stage[3:]]
+    onnx = OnnxReranker(tiny_run / "ce" / "onnx" / "fp32", threads=1)
+    expected = onnx.score("what is the capital of australia", [PASSAGES[p] for p in top3])
+    np.testing.assert_allclose(sorted((r.score for r in results[:3]), reverse=True),
+                               sorted(expected, reverse=True), atol=1e-5)
+    assert set(response.timings_ms) == {"encode", "ann", "fetch", "rerank", "total"}
+
+
+def test_k_beyond_corpus_returns_every_passage(retriever):
+    results = retriever.search("goldfish", 50)
+    assert sorted(r.document_id for r in results) == sorted(PASSAGES)
+
+
+def test_deadline_reranks_fewer_and_still_answers(tiny_run):
+    tight = Retriever(tiny_run, latency_budget_ms=1.0)  # the safety margin alone exceeds it
+    response = tight.search_detailed("goldfish", 4)
+    assert response.cut_by_deadline and response.reranked == 0 and len(response.results) == 4
+    first_stage = tight.search_detailed("goldfish", 4, depth=0).results
+    assert [r.document_id for r in response.results] == [r.document_id for r in first_stage]
+
+
+@pytest.mark.parametrize("query,k,error", [("", 5, ValueError), ("   \t", 5, ValueError), (None, 5, TypeError),
+                                           (b"bytes", 5, TypeError), ("ok", 0, ValueError), ("ok", -3, ValueError),
+                                           ("ok", 2.5, TypeError)])
+def test_bad_input(retriever, query, k, error):
+    with pytest.raises(error):
+        retriever.search(query, k)
+
+
+def test_long_query_is_truncated_not_refused(retriever):
+    assert len(retriever.search("goldfish " * 2000, 3)) == 3
+
+
+def test_threads_agree_with_sequential_calls(retriever):
+    queries = list(QUERIES.values()) * 4
+    sequential = [[(r.document_id, round(r.score, 4)) for r in retriever.search(q, 4)] for q in queries]
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(lambda q: [(r.document_id, round(r.score, 4)) for r in retriever.search(q, 4)],
+                                 queries))
+    assert parallel == sequential
+
+
+def test_missing_and_half_built_runs_name_the_build_command(tmp_path, tiny_run):
+    with pytest.raises(ArtifactError, match="python -m pipeline.build"):
+        Retriever(tmp_path / "nothing")
+    half = tmp_path / "half"
+    shutil.copytree(tiny_run, half)
+    shutil.rmtree(half / "ce" / "onnx")
+    with pytest.raises(ArtifactError, match="half built.*pipeline.build"):
+        Retriever(half)
+
+
+def test_inconsistent_runs_are_refused(tmp_path, tiny_run, tiny_encoder):
+    other_model = tmp_path / "other_model"
+    shutil.copytree(tiny_run, other_model)
+    record = json.loads((other_model / "pipeline.json").read_text())
+    shutil.rmtree(other_model / "bi" / "model")
+    BiEncoder.from_base(BiEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_encoder)), pooling="cls")).save(
+        other_model / "bi" / "model")
+    with pytest.raises(ArtifactError, match="not the bi-encoder this run was built with"):
+        Retriever(other_model)
+    record["fingerprints"]["biencoder"] = model_fingerprint(other_model / "bi" / "model")
+    (other_model / "pipeline.json").write_text(json.dumps(record))
+    with pytest.raises(ArtifactError, match="different model"):  # the index was built by the old model
+        Retriever(other_model)
+
+    other_store = tmp_path / "other_store"
+    shutil.copytree(tiny_run, other_store)
+    from pipeline.store import PassageStore
+    collection = write_tsv(tmp_path / "c2.tsv", [("x1", "another collection")])
+    (other_store / "corpus" / "passages.sqlite").unlink()
+    PassageStore.build(other_store / "corpus" / "passages.sqlite", [("x1", "another collection")], "sha256:other")
+    with pytest.raises(ArtifactError, match="another collection"):
+        Retriever(other_store)
+    assert collection.is_file()
+
+
+def test_default_run_from_environment(tiny_run, monkeypatch):
+    monkeypatch.setenv("MSMARCO_RERANK_RUN", str(tiny_run))
+    assert Retriever().run_dir == tiny_run
+
+
+def _cli(*args, run: Path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline.search", *args, "--run", str(run)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_search_cli(tiny_run, tmp_path):
+    out = _cli("do goldfish grow", "-k", "3", "--json", run=tiny_run)
+    assert out.returncode == 0, out.stderr[-2000:]
+    payload = json.loads(out.stdout)
+    assert len(payload["results"]) == 3 and set(payload["timings_ms"]) >= {"encode", "ann", "fetch", "rerank"}
+    assert _cli("  ", run=tiny_run).returncode == 2
+    assert _cli("ok", "-k", "0", run=tiny_run).returncode == 2
+    missing = _cli("ok", run=tmp_path / "absent")
+    assert missing.returncode == 1 and "python -m pipeline.build" in missing.stderr
+    text = _cli("do goldfish grow", "-k", "2", "--depth", "0", run=tiny_run)
+    assert text.returncode == 0 and "1." in text.stdout and "ms: encode" in text.stdout
