@@ -1,6 +1,7 @@
 """Effectiveness and latency of a searcher on one split, one query at a time, as a user would call it."""
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ class BenchmarkConfig:
     k: int = 100
     warmup: int = 20
     min_relevance: int = 1
+    queries: int | None = None   # a fixed random subset of the judged queries (None: all)
+    seed: int = 13
 
 
 @dataclass
@@ -41,10 +44,18 @@ def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
             "max": float(values.max()), "n": int(values.size)}
 
 
+def select_queries(dataset: Dataset, limit: int | None, seed: int) -> list[tuple[str, str]]:
+    """All judged queries, or the same random `limit` of them for every system compared."""
+    queries = sorted(dataset.queries.items())
+    if limit is not None and limit < len(queries):
+        queries = sorted(random.Random(seed).sample(queries, limit))
+    return queries
+
+
 def run_benchmark(searcher: Searcher, dataset: Dataset, config: BenchmarkConfig,
                   progress: bool = True) -> BenchmarkResult:
     """Warm up on the first queries (untimed), then time every judged query separately."""
-    queries = list(dataset.queries.items())
+    queries = select_queries(dataset, config.queries, config.seed)
     if not queries:
         raise ValueError(f"split {dataset.split!r} has no judged queries to evaluate")
     for _, text in queries[: config.warmup]:
@@ -57,5 +68,5 @@ def run_benchmark(searcher: Searcher, dataset: Dataset, config: BenchmarkConfig,
         latencies[qid] = (time.perf_counter() - start) * 1000.0
         run[qid] = [(r.document_id, r.score) for r in results]
     ranked = {qid: [pid for pid, _ in hits] for qid, hits in run.items()}
-    evaluation = evaluate(ranked, dataset.qrels, min_relevance=config.min_relevance)
+    evaluation = evaluate(ranked, {qid: dataset.qrels[qid] for qid in ranked}, min_relevance=config.min_relevance)
     return BenchmarkResult(evaluation, latencies, run)

@@ -165,3 +165,36 @@ def test_search_cli(tiny_run, tmp_path):
     assert missing.returncode == 1 and "python -m pipeline.build" in missing.stderr
     text = _cli("do goldfish grow", "-k", "2", "--depth", "0", run=tiny_run)
     assert text.returncode == 0 and "1." in text.stdout and "ms: encode" in text.stdout
+
+
+def test_sweep_choice_respects_the_budget_margin():
+    from benchmarks.sweep import choose
+
+    rows = [{"variant": "none", "depth": 0, "recall@1": 0.5, "mrr@10": 0.6, "latency_ms": {"p95": 20.0}},
+            {"variant": "int8", "depth": 20, "recall@1": 0.7, "mrr@10": 0.8, "latency_ms": {"p95": 700.0}},
+            {"variant": "int8", "depth": 50, "recall@1": 0.72, "mrr@10": 0.8, "latency_ms": {"p95": 900.0}},
+            {"variant": "fp32", "depth": 20, "recall@1": 0.7, "mrr@10": 0.8, "latency_ms": {"p95": 750.0}}]
+    assert choose(rows, 1000.0, 0.8)["depth"] == 20 and choose(rows, 1000.0, 0.8)["variant"] == "int8"
+    assert choose(rows, 1000.0, 0.95)["depth"] == 50
+    assert choose(rows, 100.0, 0.8)["depth"] == 0
+
+
+def test_sweep_cli_writes_table_plot_and_choice(tmp_path, tiny_run):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    data = tmp_path / "data"
+    shutil.copy(tiny_run.parent / "data" / "collection.tsv", data / "collection.tsv") if data.exists() else \
+        shutil.copytree(tiny_run.parent / "data", data)
+    from tests.conftest import QRELS
+    write_tsv(data / "queries.dev.tsv", QUERIES.items())
+    write_tsv(data / "qrels.dev.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--run", str(run), "--data", str(data),
+                          "--split", "dev", "--depths", "0", "2", "4", "--variants", "fp32"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweep = json.loads((run / "benchmarks" / "sweep-dev" / "sweep.json").read_text())
+    assert [(r["variant"], r["depth"]) for r in sweep["rows"]] == [("none", 0), ("fp32", 2), ("fp32", 4)]
+    assert (run / "benchmarks" / "sweep-dev" / "sweep.png").stat().st_size > 1000
+    record = json.loads((run / "pipeline.json").read_text())
+    assert record["serving"]["depth"] == sweep["choice"]["depth"] and record["sweep"] == sweep["choice"]
