@@ -11,7 +11,7 @@ RUN_DIR ?= runs/mini
 R2 := biencoder.name=biencoder-r2 biencoder.init_from=$(RUN_DIR)/biencoder/model \
       'biencoder.negatives.files=["{run_dir}/negatives.biencoder.tsv","{data_root}/negatives.train.tsv"]'
 
-.PHONY: install run test clean-runs biencoder biencoder-r2 untrained
+.PHONY: install run bm25 test clean-runs biencoder biencoder-r2 untrained
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
+	$(PY) -m pipeline.build --config $(CONFIG)
+
+bm25: $(VENV)/.installed
 	$(PY) -m benchmarks.run --config $(CONFIG) --system bm25 --split dev
 
 test: $(VENV)/.installed
