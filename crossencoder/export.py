@@ -117,9 +117,14 @@ def export_fp32(model: CrossEncoder, path: Path, opset: int) -> None:
 def quantize_int8(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # per-tensor INFO spam
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Gemm", "Gather"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # the quantizer logs every tensor at INFO on the root logger
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm", "Gather"])
+    finally:
+        root.setLevel(level)
 
 
 def convert_fp16(source: Path, target: Path) -> None:
@@ -186,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("onnx_ir", "onnxscript", "root"):
+    for noisy in ("onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     data = load_section(args.config, "data", DataConfig, args.overrides)
     config = load_section(args.config, "export", ExportConfig, args.overrides)
