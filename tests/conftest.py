@@ -29,6 +29,15 @@ def write_tsv(path: Path, rows) -> Path:
     return path
 
 
+def write_train_dev(data: Path, mined: Path) -> None:
+    """train and dev splits over the tiny collection, plus a mined-negatives file, for training runs."""
+    write_tsv(data / "collection.tsv", PASSAGES.items())
+    for split in ("train", "dev"):
+        write_tsv(data / f"queries.{split}.tsv", QUERIES.items())
+        write_tsv(data / f"qrels.{split}.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
+    write_tsv(mined, [("q1", "p2", 1, 3.0), ("q2", "p5", 1, 1.0)])
+
+
 @pytest.fixture
 def tiny_msmarco(tmp_path: Path) -> Path:
     """A dataset directory in the official MS MARCO layout, made in the test."""

@@ -13,7 +13,7 @@ import torch
 
 from irbase.examples import NegativesConfig, TrainExamples
 from irbase.lm import BaseLMConfig
-from tests.conftest import PASSAGES, QRELS, QUERIES, write_tsv
+from tests.conftest import PASSAGES, QUERIES, write_train_dev
 
 from crossencoder.data import GroupBatches
 from crossencoder.export import ExportConfig, ExportRefused, Tolerance, export_variants, parity
@@ -151,11 +151,7 @@ def test_shrunk_vocabulary_keeps_scores_and_maps_unseen_tokens(tmp_path, tiny_de
 
 def test_training_end_to_end(tmp_path, tiny_decoder):
     data = tmp_path / "data"
-    write_tsv(data / "collection.tsv", PASSAGES.items())
-    for split in ("train", "dev"):
-        write_tsv(data / f"queries.{split}.tsv", QUERIES.items())
-        write_tsv(data / f"qrels.{split}.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
-    write_tsv(tmp_path / "mined.tsv", [("q1", "p2", 1, 3.0), ("q2", "p5", 1, 1.0)])
+    write_train_dev(data, tmp_path / "mined.tsv")
     config = tmp_path / "config.yaml"
     config.write_text(f"""
 run: {{dir: {tmp_path / 'run'}, seed: 7}}

@@ -11,18 +11,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import PASSAGES, QRELS, QUERIES, write_tsv
+from tests.conftest import write_train_dev
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _setup(tmp_path: Path, lm: Path, max_steps: int, save_every: int) -> Path:
     data = tmp_path / "data"
-    write_tsv(data / "collection.tsv", PASSAGES.items())
-    for split in ("train", "dev"):
-        write_tsv(data / f"queries.{split}.tsv", QUERIES.items())
-        write_tsv(data / f"qrels.{split}.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
-    write_tsv(tmp_path / "mined.tsv", [("q1", "p2", 1, 3.0), ("q2", "p5", 1, 1.0)])
+    write_train_dev(data, tmp_path / "mined.tsv")
     config = tmp_path / "config.yaml"
     config.write_text(f"""
 run: {{dir: {tmp_path / 'run'}, seed: 7}}
