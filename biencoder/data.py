@@ -2,28 +2,20 @@
 negative marked so the loss never pushes a query away from one of its own positives."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from irbase.examples import EpochOrder, TrainExamples
+from irbase.examples import ExampleBatches, TrainExamples
 
 
-class TrainBatches:
-    """The `BatchSource` the shared trainer consumes: shuffled per epoch, sharded over ranks."""
+class TrainBatches(ExampleBatches):
+    """Shuffled per epoch, sharded over ranks; passage j < B of a batch is query j's positive."""
 
     def __init__(self, examples: TrainExamples, batch_size: int,
                  tokenize: Callable[[Sequence[str], str], dict[str, torch.Tensor]]):
-        self.examples, self.batch_size, self.tokenize = examples, batch_size, tokenize
-        self.order = EpochOrder(list(examples.queries), batch_size, examples.seed)
-        self.all_pids = sorted(examples.passages)
-
-    def micro_batches_per_epoch(self, world_size: int) -> int:
-        return self.order.micro_batches_per_epoch(world_size)
-
-    def batches(self, epoch: int, skip: int, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
-        for qids in self.order.batches(epoch, skip, rank, world_size):
-            yield self.collate(qids, epoch)
+        super().__init__(examples, batch_size)
+        self.tokenize = tokenize
 
     def collate(self, qids: list[str], epoch: int) -> dict[str, Any]:
         ex = self.examples

@@ -2,30 +2,22 @@
 in one padded tensor."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from irbase.examples import EpochOrder, TrainExamples
+from irbase.examples import ExampleBatches, TrainExamples
 
 from crossencoder.pairs import PairEncoder
 
 
-class GroupBatches:
-    """The `BatchSource` the shared trainer consumes; `examples.per_query` is G-1."""
+class GroupBatches(ExampleBatches):
+    """`examples.per_query` is G-1."""
 
     def __init__(self, examples: TrainExamples, batch_size: int, pairs: PairEncoder):
-        self.examples, self.pairs = examples, pairs
+        super().__init__(examples, batch_size)
+        self.pairs = pairs
         self.group_size = examples.per_query + 1
-        self.order = EpochOrder(list(examples.queries), batch_size, examples.seed)
-        self.all_pids = sorted(examples.passages)
-
-    def micro_batches_per_epoch(self, world_size: int) -> int:
-        return self.order.micro_batches_per_epoch(world_size)
-
-    def batches(self, epoch: int, skip: int, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
-        for qids in self.order.batches(epoch, skip, rank, world_size):
-            yield self.collate(qids, epoch)
 
     def collate(self, qids: list[str], epoch: int) -> dict[str, Any]:
         ex = self.examples

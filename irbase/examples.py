@@ -7,7 +7,7 @@ import random
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from irbase.formats import Qrels
 from irbase.negatives import read_negatives
@@ -103,3 +103,23 @@ class EpochOrder:
         for index in range(skip, self.micro_batches_per_epoch(world_size)):
             global_index = index * world_size + rank
             yield order[global_index * self.batch_size:(global_index + 1) * self.batch_size]
+
+
+class ExampleBatches:
+    """A `BatchSource` for the shared trainer over `TrainExamples`; subclasses say how a micro-batch of
+    query ids becomes model inputs."""
+
+    def __init__(self, examples: TrainExamples, batch_size: int):
+        self.examples = examples
+        self.order = EpochOrder(list(examples.queries), batch_size, examples.seed)
+        self.all_pids = sorted(examples.passages)
+
+    def micro_batches_per_epoch(self, world_size: int) -> int:
+        return self.order.micro_batches_per_epoch(world_size)
+
+    def batches(self, epoch: int, skip: int, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
+        for qids in self.order.batches(epoch, skip, rank, world_size):
+            yield self.collate(qids, epoch)
+
+    def collate(self, qids: list[str], epoch: int) -> dict[str, Any]:
+        raise NotImplementedError
