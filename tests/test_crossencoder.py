@@ -175,3 +175,26 @@ crossencoder:
     assert (stage / "checkpoints" / "latest.json").is_file()
     model = CrossEncoder.load(stage / "model")
     assert model.score("goldfish", ["a", "b"]).shape == (2,)
+
+
+def test_init_from_a_fine_tuned_backbone_and_head_learning_rate(tmp_path, tiny_decoder):
+    config = CrossEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_decoder), bidirectional=True), head_lr_scale=10.0)
+    tuned = CrossEncoder.from_base(config)
+    with torch.no_grad():
+        for p in tuned.backbone.parameters():
+            p.add_(0.5)
+    tuned.backbone.save_pretrained(tmp_path / "tower")
+    warm = CrossEncoder.from_base(config, init_from=tmp_path / "tower")
+    for (name, a), b in zip(warm.backbone.state_dict().items(), tuned.backbone.state_dict().values()):
+        assert torch.equal(a, b), name
+    fresh = CrossEncoder.from_base(config)
+    assert not torch.equal(fresh.backbone.layers[0].mlp.up_proj.weight, warm.backbone.layers[0].mlp.up_proj.weight)
+    groups = warm.param_groups(1e-4)
+    assert [g["lr"] for g in groups] == [1e-4, pytest.approx(1e-3)]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in warm.head.parameters()}
+    assert not any(p is warm.backbone.get_input_embeddings().weight for p in groups[0]["params"])  # frozen
+    cut = CrossEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_decoder), num_layers=2, bidirectional=True))
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        CrossEncoder.from_base(cut, init_from=tmp_path / "tower")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        CrossEncoder.from_base(config, init_from=tmp_path / "nowhere")

