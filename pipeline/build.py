@@ -78,7 +78,7 @@ class Builder:
             Stage("crossencoder", ["data", "crossencoder"], [f"{ce_name}/model", f"{ce_name}/eval.json"],
                   cli("crossencoder.train")),
             Stage("export", ["data", "export"], [f"{ce_name}/onnx"], cli("crossencoder.export")),
-            Stage("corpus", ["data", "encode", "index", "pipeline"], ["pipeline.json", "corpus/index",
+            Stage("corpus", ["data", "encode", "index", "bm25", "pipeline"], ["pipeline.json", "corpus/index",
                                                                      "corpus/passages.sqlite"], action=self._corpus),
             Stage("sweep", ["data", "build.sweep", "pipeline"], [f"benchmarks/sweep-{self.build.benchmark_split}"],
                   cli("benchmarks.sweep", "--split", self.build.benchmark_split, *self.build.sweep)),
@@ -109,6 +109,7 @@ class Builder:
     def _corpus(self) -> None:
         from biencoder.encode import EncodeConfig
         from biencoder.index import IndexConfig
+        from irbase.bm25 import BM25Config
         from pipeline.config import RunRecord, ServingConfig
         from pipeline.retriever import Retriever
 
@@ -123,6 +124,7 @@ class Builder:
                           "crossencoder": model_fingerprint(ce_model)},
             encode=asdict(load_section(self.config_path, "encode", EncodeConfig, self.overrides)),
             index=asdict(load_section(self.config_path, "index", IndexConfig, self.overrides)),
+            bm25=asdict(load_section(self.config_path, "bm25", BM25Config, self.overrides)),
             sweep=previous.sweep if previous else None)
         if previous and previous.sweep and previous.fingerprints == record.fingerprints:
             record.serving.depth, record.serving.variant = previous.serving.depth, previous.serving.variant

@@ -14,6 +14,7 @@ from irbase.config import from_dict
 RUN_FILE = "pipeline.json"
 RUN_ENV = "MSMARCO_RERANK_RUN"
 BUILD_HINT = "python -m pipeline.build --config configs/mini.yaml"
+FIRST_STAGES = ("dense", "hybrid")
 
 
 @dataclass
@@ -22,12 +23,18 @@ class ServingConfig:
     crossencoder: str = "crossencoder"
     variant: str = "int8"             # ONNX variant: fp32 | int8 | fp16 (GPU)
     candidates: int = 100             # first-stage depth N
+    first_stage: str = "hybrid"       # dense: HNSW only; hybrid: HNSW and BM25 fused by reciprocal rank
+    fusion_k: int = 10                # RRF constant (mini dev: 10 beats 60 at the top ranks, report)
     depth: int = 20                   # candidates reranked (chosen by benchmarks.sweep)
     latency_budget_ms: float = 1000.0
     safety_ms: float = 100.0          # kept free for what follows the last rerank batch
     rerank_batch: int = 10            # pairs per onnxruntime call; the deadline is checked between calls
     threads: int | None = None        # torch and onnxruntime threads (None: all cores)
     query_bf16: bool = True
+
+    def __post_init__(self) -> None:
+        if self.first_stage not in FIRST_STAGES:
+            raise ValueError(f"pipeline.first_stage {self.first_stage!r}: expected one of {', '.join(FIRST_STAGES)}")
 
 
 @dataclass
@@ -36,6 +43,7 @@ class RunRecord:
     fingerprints: dict[str, str] = field(default_factory=dict)   # biencoder/crossencoder model ids at build
     encode: dict[str, Any] = field(default_factory=dict)         # EncodeConfig for embed_and_store_corpus
     index: dict[str, Any] = field(default_factory=dict)          # IndexConfig
+    bm25: dict[str, Any] = field(default_factory=dict)           # BM25Config of the hybrid first stage
     corpus: dict[str, Any] | None = None                         # {"collection": fingerprint, "path": ...}
     sweep: dict[str, Any] | None = None                          # the choice benchmarks.sweep made and why
 

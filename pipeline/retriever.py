@@ -15,6 +15,7 @@ import torch
 
 from irbase import formats
 from irbase.artifacts import ArtifactError, file_fingerprint, model_fingerprint, read_manifest
+from irbase.bm25 import BM25Config, BM25Index
 from irbase.search import Result, check_query
 
 from biencoder.encode import EncodeConfig, encode_collection
@@ -22,6 +23,7 @@ from biencoder.index import KIND as INDEX_KIND, DenseIndex, IndexConfig
 from biencoder.model import BiEncoder
 from crossencoder.runtime import OnnxReranker
 from pipeline.config import BUILD_HINT, RunRecord, ServingConfig, default_run_dir
+from pipeline.fusion import reciprocal_rank_fusion
 from pipeline.store import PassageStore
 
 CORPUS_DIR = "corpus"
@@ -30,7 +32,7 @@ CORPUS_DIR = "corpus"
 @dataclass
 class SearchResponse:
     results: list[Result]
-    timings_ms: dict[str, float] = field(default_factory=dict)  # encode, ann, fetch, rerank, total
+    timings_ms: dict[str, float] = field(default_factory=dict)  # encode, ann, bm25 (hybrid), fetch, rerank, total
     reranked: int = 0          # candidates the reranker scored
     depth: int = 0             # candidates it was asked to score
     cut_by_deadline: bool = False
@@ -60,6 +62,7 @@ class Retriever:
         self.model = BiEncoder.load(model_dir).eval()
         self.reranker = self._load_reranker(self.serving.variant) if self.serving.depth > 0 else None
         self.index: DenseIndex | None = None
+        self.bm25: BM25Index | None = None
         self.store: PassageStore | None = None
         if self.record.corpus:
             self._load_corpus()
@@ -90,6 +93,11 @@ class Retriever:
                                 "embed_and_store_corpus or " + BUILD_HINT)
         if len(self.store) != self.index.index.ntotal:
             raise ArtifactError(f"{corpus}: {len(self.store)} stored passages but {self.index.index.ntotal} indexed")
+        if self.serving.first_stage == "hybrid":
+            if not (corpus / "bm25" / "manifest.json").is_file():
+                raise ArtifactError(f"{corpus} has no BM25 index for the hybrid first stage: call "
+                                    f"embed_and_store_corpus or run {BUILD_HINT}")
+            self.bm25 = BM25Index.load(corpus / "bm25", {"collection": self.store.collection})
 
     def embed_and_store_corpus(self, corpus_path: str | Path, embeddings_dir: str | Path | None = None) -> None:
         """Encode a collection (TSV or BEIR JSONL) with this run's bi-encoder, build the HNSW index and the
@@ -106,6 +114,8 @@ class Retriever:
         index = DenseIndex.from_shards(shards, IndexConfig(**self.record.index))
         index.save(corpus / "index", inputs)
         PassageStore.build(corpus / "passages.sqlite", passages, collection, total=len(passages))
+        if self.serving.first_stage == "hybrid":
+            BM25Index.build(passages, BM25Config(**self.record.bm25)).save(corpus / "bm25", {"collection": collection})
         self.record.corpus = {"collection": collection, "path": str(corpus_path.resolve()), "passages": len(passages),
                               "embeddings": str(shards)}
         self.record.save(self.run_dir)
@@ -135,9 +145,15 @@ class Retriever:
         with self._encode_lock:
             vector = self.model.encode([query], "query", bf16=serving.query_bf16)
         t = _lap(timings, "encode", start)
-        scores, pids = self.index.search(vector, max(k, serving.candidates))
-        scores, pids = scores[0], pids[0]
+        wanted = max(k, serving.candidates)
+        scores, pids = self.index.search(vector, wanted)
+        scores, pids = list(scores[0]), list(pids[0])
         t = _lap(timings, "ann", t)
+        if self.bm25 is not None:
+            lexical = [pid for pid, _ in self.bm25.search_ids([query], wanted)[0]]
+            fused = reciprocal_rank_fusion([pids, lexical], serving.fusion_k)[:wanted]
+            pids, scores = [p for p, _ in fused], [s for _, s in fused]
+            t = _lap(timings, "bm25", t)
         depth = min(depth, len(pids))
         texts = self.store.get_many(pids[: max(depth, k)])
         t = _lap(timings, "fetch", t)

@@ -24,6 +24,7 @@ from crossencoder.model import CrossEncoder, CrossEncoderConfig
 from crossencoder.runtime import OnnxReranker
 from pipeline import Result, Retriever
 from pipeline.config import RunRecord, ServingConfig
+from pipeline.fusion import reciprocal_rank_fusion
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,26 @@ def test_results_reranked_on_top_first_stage_below(retriever, tiny_run):
     expected = onnx.score("what is the capital of australia", [PASSAGES[p] for p in top3])
     np.testing.assert_allclose(sorted((r.score for r in results[:3]), reverse=True),
                                sorted(expected, reverse=True), atol=1e-5)
-    assert set(response.timings_ms) == {"encode", "ann", "fetch", "rerank", "total"}
+    assert set(response.timings_ms) == {"encode", "ann", "bm25", "fetch", "rerank", "total"}
+
+
+def test_hybrid_first_stage_is_the_rank_fusion_of_dense_and_bm25(retriever):
+    query = "do goldfish grow"
+    fused = [r.document_id for r in retriever.search_detailed(query, 6, depth=0).results]
+    vector = retriever.model.encode([query], "query", bf16=False)
+    dense = list(retriever.index.search(vector, 6)[1][0])
+    lexical = [pid for pid, _ in retriever.bm25.search_ids([query], 6)[0]]
+    assert lexical and fused == [p for p, _ in reciprocal_rank_fusion([dense, lexical], retriever.serving.fusion_k)][:6]
+
+
+def test_reciprocal_rank_fusion_by_hand():
+    fused = reciprocal_rank_fusion([["a", "b", "c"], ["c", "d"]], k=1)
+    # a: 1/2; b: 1/3; c: 1/4 + 1/2 = 0.75; d: 1/3
+    assert fused == [("c", 0.75), ("a", 0.5), ("b", pytest.approx(1 / 3)), ("d", pytest.approx(1 / 3))]
+    assert reciprocal_rank_fusion([["a", "a", "b"]], k=0) == [("a", 1.0), ("b", 0.5)]  # duplicates count once
+    assert reciprocal_rank_fusion([["a"], ["b"]], k=0, weights=[1.0, 2.0])[0] == ("b", 2.0)
+    with pytest.raises(ValueError):
+        reciprocal_rank_fusion([["a"]], weights=[1.0, 1.0])
 
 
 def test_k_beyond_corpus_returns_every_passage(retriever):
