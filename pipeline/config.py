@@ -28,6 +28,7 @@ class ServingConfig:
     depth: int = 20                   # candidates reranked (chosen by benchmarks.sweep)
     latency_budget_ms: float = 1000.0
     safety_ms: float = 100.0          # kept free for what follows the last rerank batch
+    rerank_weight: float | None = 0.5  # reranker rank fused with first-stage rank (null: reranker order alone)
     rerank_batch: int = 10            # pairs per onnxruntime call; the deadline is checked between calls
     threads: int | None = None        # torch and onnxruntime threads (None: all cores)
     query_bf16: bool = True

@@ -23,7 +23,7 @@ from biencoder.index import KIND as INDEX_KIND, DenseIndex, IndexConfig
 from biencoder.model import BiEncoder
 from crossencoder.runtime import OnnxReranker
 from pipeline.config import BUILD_HINT, RunRecord, ServingConfig, default_run_dir
-from pipeline.fusion import reciprocal_rank_fusion
+from pipeline.fusion import reciprocal_rank_fusion, rerank_order
 from pipeline.store import PassageStore
 
 CORPUS_DIR = "corpus"
@@ -42,11 +42,12 @@ class Retriever:
     """Thread-safe: `search` may be called from several threads at once."""
 
     def __init__(self, run_dir: str | Path | None = None, *, depth: int | None = None, variant: str | None = None,
-                 latency_budget_ms: float | None = None, threads: int | None = None, verify: bool = True):
+                 latency_budget_ms: float | None = None, threads: int | None = None, first_stage: str | None = None,
+                 verify: bool = True):
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
         self.record = RunRecord.load(self.run_dir)
         overrides = {k: v for k, v in {"depth": depth, "variant": variant, "latency_budget_ms": latency_budget_ms,
-                                       "threads": threads}.items() if v is not None}
+                                       "threads": threads, "first_stage": first_stage}.items() if v is not None}
         self.serving: ServingConfig = replace(self.record.serving, **overrides)
         if self.serving.depth < 0:
             raise ValueError(f"depth must be >= 0, got {self.serving.depth}")
@@ -175,7 +176,8 @@ class Retriever:
             position += len(batch)
         t = _lap(timings, "rerank", t)
 
-        reranked.sort(key=lambda item: -item[1])
+        reranked = rerank_order([p for p, _ in reranked], [sc for _, sc in reranked], serving.fusion_k,
+                                serving.rerank_weight)
         floor = min((s for _, s in reranked), default=0.0)
         tail = [(p, floor - 1.0 - i * 1e-3 if reranked else float(s))
                 for i, (p, s) in enumerate(zip(pids[position:], scores[position:]))]

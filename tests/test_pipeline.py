@@ -24,7 +24,7 @@ from crossencoder.model import CrossEncoder, CrossEncoderConfig
 from crossencoder.runtime import OnnxReranker
 from pipeline import Result, Retriever
 from pipeline.config import RunRecord, ServingConfig
-from pipeline.fusion import reciprocal_rank_fusion
+from pipeline.fusion import reciprocal_rank_fusion, rerank_order
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def tiny_run(tmp_path_factory, tiny_decoder, tiny_encoder) -> Path:
                     [(q, list(PASSAGES.values())) for q in QUERIES.values()],
                     extra={"model": model_fingerprint(run / "ce" / "model")})
     RunRecord(serving=ServingConfig(biencoder="bi", crossencoder="ce", variant="fp32", candidates=5, depth=3,
-                                    threads=1, rerank_batch=2, query_bf16=False),
+                                    threads=1, rerank_batch=2, query_bf16=False, rerank_weight=None),
               fingerprints={"biencoder": model_fingerprint(run / "bi" / "model"),
                             "crossencoder": model_fingerprint(run / "ce" / "model")},
               encode=asdict(EncodeConfig(batch_size=4, shard_size=4, dtype="float32", bf16=False)),
@@ -82,6 +82,17 @@ def test_hybrid_first_stage_is_the_rank_fusion_of_dense_and_bm25(retriever):
     dense = list(retriever.index.search(vector, 6)[1][0])
     lexical = [pid for pid, _ in retriever.bm25.search_ids([query], 6)[0]]
     assert lexical and fused == [p for p, _ in reciprocal_rank_fusion([dense, lexical], retriever.serving.fusion_k)][:6]
+
+
+def test_rerank_order_by_hand():
+    head, scores = ["a", "b", "c"], [0.1, 0.9, 0.5]
+    assert rerank_order(head, scores, 1, None) == [("b", 0.9), ("c", 0.5), ("a", pytest.approx(0.1))]
+    # first stage a,b,c; reranker b,c,a; k=1, weight 0.5: a 1/2 + .5/4, b 1/3 + .5/2, c 1/4 + .5/3
+    fused = rerank_order(head, scores, 1, 0.5)
+    assert [p for p, _ in fused] == ["a", "b", "c"] and fused[0][1] == pytest.approx(0.625)
+    assert [p for p, _ in rerank_order(head, scores, 1, 4.0)] == ["b", "c", "a"]   # reranker dominates
+    with pytest.raises(ValueError):
+        rerank_order(head, [1.0], 1, 0.5)
 
 
 def test_reciprocal_rank_fusion_by_hand():
@@ -233,17 +244,17 @@ def test_compare_report_with_intervals_paired_tests_and_load(tmp_path, tiny_run)
     out_dir = tmp_path / "report"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--config", str(config), "--split", "dev",
-                          "--systems", "bm25", "untrained", "bm25+reranker", "pipeline", "--resamples", "200",
+                          "--systems", "bm25", "untrained", "biencoder", "bm25+reranker", "pipeline", "--resamples", "200",
                           "--concurrency", "1", "2", "--load-queries", "4", "--out", str(out_dir),
                           f"run.dir={tiny_run}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     results = json.loads((out_dir / "results.json").read_text())
-    assert set(results["systems"]) == {"bm25", "bm25+reranker", "pipeline"}
+    assert set(results["systems"]) == {"bm25", "biencoder", "bm25+reranker", "pipeline"}
     assert results["skipped"] == {"untrained": "not built: make untrained"}
     for name, system in results["systems"].items():
         r1 = system["intervals"]["recall@1"]
         assert r1["low"] <= r1["mean"] <= r1["high"] and r1["mean"] == system["metrics"]["recall@1"]
-    assert set(results["paired_tests_vs_pipeline"]) == {"bm25", "bm25+reranker"}
+    assert set(results["paired_tests_vs_pipeline"]) == {"bm25", "biencoder", "bm25+reranker"}
     test = results["paired_tests_vs_pipeline"]["bm25"]["recall@1"]
     assert test["queries"] == 4 and 0 < test["p_value"] <= 1
     assert [row["concurrency"] for row in results["load"]] == [1, 2] and results["load"][0]["queries"] == 4
