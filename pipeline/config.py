@@ -24,7 +24,8 @@ class ServingConfig:
     variant: str = "int8"             # ONNX variant: fp32 | int8 | fp16 (GPU)
     candidates: int = 100             # first-stage depth N
     first_stage: str = "hybrid"       # dense: HNSW only; hybrid: HNSW and BM25 fused by reciprocal rank
-    fusion_k: int = 10                # RRF constant (mini dev: 10 beats 60 at the top ranks, report)
+    fusion_k: int = 10                # RRF constant (tuned on dev-large: 10 beats 60 at the top ranks)
+    dense_weight: float = 0.9         # the bi-encoder's weight in the fusion, BM25's is 1: ties go to BM25
     depth: int = 20                   # candidates reranked (chosen by benchmarks.sweep)
     latency_budget_ms: float = 1000.0
     safety_ms: float = 100.0          # kept free for what follows the last rerank batch

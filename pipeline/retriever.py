@@ -152,7 +152,7 @@ class Retriever:
         t = _lap(timings, "ann", t)
         if self.bm25 is not None:
             lexical = [pid for pid, _ in self.bm25.search_ids([query], wanted)[0]]
-            fused = reciprocal_rank_fusion([pids, lexical], serving.fusion_k)[:wanted]
+            fused = reciprocal_rank_fusion([lexical, pids], serving.fusion_k, [1.0, serving.dense_weight])[:wanted]
             pids, scores = [p for p, _ in fused], [s for _, s in fused]
             t = _lap(timings, "bm25", t)
         depth = min(depth, len(pids))

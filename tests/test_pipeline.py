@@ -81,7 +81,8 @@ def test_hybrid_first_stage_is_the_rank_fusion_of_dense_and_bm25(retriever):
     vector = retriever.model.encode([query], "query", bf16=False)
     dense = list(retriever.index.search(vector, 6)[1][0])
     lexical = [pid for pid, _ in retriever.bm25.search_ids([query], 6)[0]]
-    assert lexical and fused == [p for p, _ in reciprocal_rank_fusion([dense, lexical], retriever.serving.fusion_k)][:6]
+    expected = reciprocal_rank_fusion([lexical, dense], retriever.serving.fusion_k, [1.0, retriever.serving.dense_weight])
+    assert lexical and fused == [p for p, _ in expected][:6]
 
 
 def test_rerank_order_by_hand():
