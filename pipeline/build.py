@@ -63,18 +63,22 @@ class Builder:
         self.r2_name = r2_name
         ce_name = self.raw.get("crossencoder", {}).get("name", "crossencoder")
 
-        def cli(module: str, *extra: str) -> list[str]:
-            return [sys.executable, "-m", module, *extra, "--config", config_path, *self.overrides]
+        def cli(module: str, *options: str, overrides: Sequence[str] = (), command: str | None = None) -> list[str]:
+            """`python -m module [command] [options] --config C [overrides]`: the stage's own overrides (round
+            2) come before the user's, so the user's win; options never sit next to the overrides, where a
+            `nargs='+'` option would swallow them."""
+            return [sys.executable, "-m", module, *([command] if command else []), *options, "--config", config_path,
+                    *overrides, *self.overrides]
 
         self.stages = [Stage("slice", ["slice", "data"], [], cli("irbase.slice"))] if "slice" in self.raw else []
         self.stages += [
             Stage("base-lm", ["biencoder.model.base_lm", "crossencoder.model.base_lm"], [], action=self._base_lm),
-            Stage("bm25-negatives", ["data", "bm25"], ["negatives.bm25.tsv"], cli("irbase.bm25", "mine")),
+            Stage("bm25-negatives", ["data", "bm25"], ["negatives.bm25.tsv"], cli("irbase.bm25", command="mine")),
             Stage("biencoder", ["data", "biencoder", "encode"], ["biencoder/model", "biencoder/eval.json"],
                   cli("biencoder.train")),
             Stage("mine", ["data", "encode"], ["negatives.biencoder.tsv"], cli("biencoder.mine")),
             Stage("biencoder-r2", ["data", "biencoder", "encode", "build.round2"],
-                  [f"{r2_name}/model", f"{r2_name}/eval.json"], cli("biencoder.train", *self.r2)),
+                  [f"{r2_name}/model", f"{r2_name}/eval.json"], cli("biencoder.train", overrides=self.r2)),
             Stage("crossencoder", ["data", "crossencoder"], [f"{ce_name}/model", f"{ce_name}/eval.json"],
                   cli("crossencoder.train")),
             Stage("export", ["data", "export"], [f"{ce_name}/onnx"], cli("crossencoder.export")),
