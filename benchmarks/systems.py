@@ -12,6 +12,8 @@ from irbase.dataset import Dataset
 from irbase.runconfig import RunConfig, stage_dir
 from irbase.search import Result, Searcher
 
+from pipeline.fusion import rerank_order
+
 
 def _bm25(config_path: str | None, overrides: list[str], dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
     run = load_section(config_path, "run", RunConfig, overrides)
@@ -52,8 +54,6 @@ class RerankedSearcher:
         self.fusion_k, self.rerank_weight = fusion_k, rerank_weight
 
     def search(self, query: str, k: int) -> list[Result]:
-        from pipeline.fusion import rerank_order
-
         hits = self.first.search(query, max(k, self.candidates))
         head, tail = hits[: self.depth], hits[self.depth:]
         scores = self.reranker.score(query, [h.document_text for h in head])

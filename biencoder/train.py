@@ -8,7 +8,6 @@ automatically), train_log.jsonl, embeddings/ (dev collection shards) and eval.js
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -20,11 +19,11 @@ from typing import Sequence
 
 from irbase.artifacts import atomic_write_json, file_fingerprint
 from irbase.bm25 import BM25Config, build_or_load
-from irbase.config import add_config_args, load_section
+from irbase.config import load_section
 from irbase.dataset import Dataset
 from irbase.examples import NegativesConfig, TrainExamples, load_negative_lists
 from irbase.runconfig import DataConfig, RunConfig, seed_everything
-from irbase.training import TrainConfig, Trainer
+from irbase.training import TrainConfig, Trainer, train_main
 
 from biencoder.data import TrainBatches
 from biencoder.encode import EncodeConfig, collection_inputs
@@ -102,14 +101,7 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m biencoder.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    train(args.config, args.overrides)
-    return 0
+    return train_main("python -m biencoder.train", __doc__, train, argv)
 
 
 if __name__ == "__main__":

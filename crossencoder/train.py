@@ -8,7 +8,6 @@ checkpoints/ (resumed from automatically), train_log.jsonl and eval.json.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -19,11 +18,11 @@ from typing import Sequence
 
 from irbase.artifacts import atomic_write_json, file_fingerprint
 from irbase.bm25 import BM25Config, build_or_load
-from irbase.config import add_config_args, load_section
+from irbase.config import load_section
 from irbase.dataset import Dataset
 from irbase.examples import NegativesConfig, TrainExamples, load_negative_lists
 from irbase.runconfig import DataConfig, RunConfig, seed_everything
-from irbase.training import TrainConfig, Trainer
+from irbase.training import TrainConfig, Trainer, train_main
 
 from crossencoder.data import GroupBatches
 from crossencoder.evaluate import RerankEvalConfig, eval_queries, metrics, rerank
@@ -101,14 +100,7 @@ class _Bf16:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m crossencoder.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    train(args.config, args.overrides)
-    return 0
+    return train_main("python -m crossencoder.train", __doc__, train, argv)
 
 
 if __name__ == "__main__":

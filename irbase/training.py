@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from tqdm import tqdm
@@ -214,3 +214,19 @@ class Trainer:
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(to_jsonable(record)) + "\n")
+
+
+def train_main(prog: str, doc: str | None, train: Callable[[str | None, Sequence[str]], Any],
+               argv: Sequence[str] | None = None) -> int:
+    """The command line every trainer shares: --config plus overrides, and the launcher's --local_rank."""
+    import argparse
+
+    from irbase.config import add_config_args
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    train(args.config, args.overrides)
+    return 0
