@@ -47,6 +47,7 @@ class ExportConfig:
     variants: list[str] = field(default_factory=lambda: ["fp32", "int8"])
     opset: int = 18
     shrink_vocab: bool = True       # keep only tokens the corpus and queries produce (+ byte fallback)
+    int8_ffn_down_fp32: bool = True  # keep the MLP down-projections fp32 in int8: their input has outliers
     check_queries: int = 8          # held batch: dev queries x passages (their positives + random ones)
     check_passages: int = 16
     tolerance: dict[str, Tolerance] = field(default_factory=lambda: {
@@ -114,7 +115,19 @@ def export_fp32(model: CrossEncoder, path: Path, opset: int) -> None:
         onnx.save_model(onnx.load(str(raw)), str(path))  # weights inline: one file to move and map
 
 
-def quantize_int8(source: Path, target: Path) -> None:
+def ffn_down_nodes(path: Path, intermediate_size: int, hidden_size: int) -> list[str]:
+    """MatMuls whose constant weight maps the MLP width back to the hidden size: the down-projections.
+
+    Found by weight shape because the dynamo exporter names nodes `node_linear_N`, not by module."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2
+            and shapes.get(n.input[1]) == (intermediate_size, hidden_size)]
+
+
+def quantize_int8(source: Path, target: Path, exclude: Sequence[str] = ()) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
@@ -122,7 +135,7 @@ def quantize_int8(source: Path, target: Path) -> None:
     root.setLevel(max(level, logging.WARNING))  # the quantizer logs every tensor at INFO on the root logger
     try:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm", "Gather"])
+                         op_types_to_quantize=["MatMul", "Gemm", "Gather"], nodes_to_exclude=list(exclude))
     finally:
         root.setLevel(level)
 
@@ -161,7 +174,11 @@ def export_variants(model: CrossEncoder, out_dir: Path, config: ExportConfig,
                     fp32_copy = stage / "model.onnx"
                     fp32_copy.write_bytes(fp32.read_bytes())
                 elif variant == "int8":
-                    quantize_int8(fp32, stage / "model.onnx")
+                    kept_fp32 = []
+                    if config.int8_ffn_down_fp32:
+                        shape = exported.backbone.config
+                        kept_fp32 = ffn_down_nodes(fp32, shape.intermediate_size, shape.hidden_size)
+                    quantize_int8(fp32, stage / "model.onnx", kept_fp32)
                 else:
                     convert_fp16(fp32, stage / "model.onnx")
                 exported.pairs.save(stage)
@@ -169,6 +186,7 @@ def export_variants(model: CrossEncoder, out_dir: Path, config: ExportConfig,
                 report = parity(reference, [runtime.score(q, ps) for q, ps in groups])
                 tol = config.tolerance[variant]
                 report.update(variant=variant, provider=runtime.provider, tolerance=asdict(tol),
+                              fp32_nodes=kept_fp32 if variant == "int8" else [],
                               held_pairs=sum(len(ps) for _, ps in groups), export_seconds=export_seconds,
                               size_mb=(stage / "model.onnx").stat().st_size / 2 ** 20)
                 if report["max_abs"] > tol.max_abs or report["spearman"] < tol.min_spearman:

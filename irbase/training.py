@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,23 @@ class BatchSource(Protocol):
     def batches(self, epoch: int, skip: int, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
         """This process's micro-batches of `epoch`, after skipping the first `skip`."""
         ...
+
+
+# Settings a resumed run may change: they decide how it is watched, not what it learns.
+RESUMABLE_CHANGES = frozenset({"threads", "log_every", "save_every", "keep_checkpoints", "eval_every", "eval",
+                               "final_eval", "proxy"})
+
+
+class ResumeRefused(ValueError):
+    """Checkpoints on disk were written by another recipe."""
+
+
+def config_changes(old: Any, new: Any, path: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON trees, ignoring RESUMABLE_CHANGES."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for key in sorted(set(old) | set(new)) if key not in RESUMABLE_CHANGES
+                for change in config_changes(old.get(key), new.get(key), f"{path}.{key}" if path else key)]
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
 def init_distributed() -> tuple[int, int]:
@@ -147,15 +165,22 @@ class Trainer:
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world))
 
         state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "micros": 0, "examples": 0}
+        run_record = to_jsonable({"train": cfg, "world_size": world, "total_steps": total, **self.run_info})
         latest = self._latest()
+        recorded = self.output_dir / "train_config.json"
+        if latest and recorded.is_file():
+            changes = config_changes(json.loads(recorded.read_text()), run_record)
+            if changes:  # resuming would splice two recipes (e.g. a new max_steps re-stretches the LR schedule)
+                raise ResumeRefused(f"{self.checkpoints} holds checkpoints of another config ({'; '.join(changes)}): "
+                                 f"restore that config to resume, or move {self.output_dir} away (or choose "
+                                 "another run name) to train afresh")
         if latest:
             _, client = engine.load_checkpoint(str(self.checkpoints), tag=latest["tag"])
             state.update({k: client[k] for k in state})
             log.info("resumed from %s (step %d of %d)", latest["tag"], state["global_step"], total)
         if rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.output_dir / "train_config.json",
-                              {"train": cfg, "world_size": world, "total_steps": total, **self.run_info})
+            atomic_write_json(recorded, run_record)
         log_path = self.output_dir / "train_log.jsonl"
         if rank == 0 and log_path.is_file():  # drop what was logged after the checkpoint we resume from
             kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
@@ -228,5 +253,9 @@ def train_main(prog: str, doc: str | None, train: Callable[[str | None, Sequence
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    train(args.config, args.overrides)
+    try:
+        train(args.config, args.overrides)
+    except ResumeRefused as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
     return 0

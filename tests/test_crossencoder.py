@@ -104,6 +104,27 @@ def test_export_parity_runtime_and_save_load(tmp_path, kind, tiny_decoder, tiny_
     assert saved["variant"] == "int8" and saved["held_pairs"] == 24
 
 
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_int8_keeps_the_mlp_down_projections_fp32(tmp_path, kind, tiny_decoder, tiny_encoder):
+    import onnx
+
+    model = _model(tiny_decoder if kind == "decoder" else tiny_encoder)
+    loose = {"int8": Tolerance(max_abs=10.0, min_spearman=-1.0)}
+    export_variants(model, tmp_path / "mixed", ExportConfig(variants=["int8"], tolerance=loose), GROUPS)
+    export_variants(model, tmp_path / "all", ExportConfig(variants=["int8"], tolerance=loose,
+                                                          int8_ffn_down_fp32=False), GROUPS)
+    kept = json.loads((tmp_path / "mixed" / "int8" / "export.json").read_text())["fp32_nodes"]
+    assert len(kept) == model.backbone.config.num_hidden_layers  # one down-projection per layer
+    shape = (model.backbone.config.intermediate_size, model.backbone.config.hidden_size)
+    for name, expect_fp32 in (("mixed", True), ("all", False)):
+        graph = onnx.load(str(tmp_path / name / "int8" / "model.onnx")).graph
+        floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                  and tuple(t.dims) == shape}
+        plain = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in floats]
+        assert sorted(plain) == (sorted(kept) if expect_fp32 else [])
+        assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
+
+
 def test_export_beyond_tolerance_is_refused_and_not_saved(tmp_path, tiny_decoder):
     model = _model(tiny_decoder)
     strict = ExportConfig(variants=["int8"], tolerance={"int8": Tolerance(max_abs=1e-9, min_spearman=1.0)})

@@ -33,9 +33,10 @@ encode: {{batch_size: 4, shard_size: 4, dtype: float32, bf16: false}}
     return config
 
 
-def _train(config: Path, **kwargs) -> subprocess.Popen:
+def _train(config: Path, *overrides: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "biencoder.train", "--config", str(config)], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "biencoder.train", "--config", str(config), *overrides],
+                            cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
@@ -60,6 +61,13 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, tiny_decoder):
     killed_at = json.loads(latest.read_text())["global_step"]
     assert 30 <= killed_at < steps
 
+    # a changed recipe must not splice onto these checkpoints (a longer max_steps would re-stretch the LR)
+    refused = _train(interrupted, f"biencoder.train.max_steps={2 * steps}", "biencoder.train.threads=2")
+    out, _ = refused.communicate(timeout=600)
+    assert refused.returncode == 2 and "train.max_steps: 120 -> 240" in out and "Traceback" not in out, out[-2000:]
+    assert "threads" not in out.split("another config")[1].split(")")[0]  # a harmless change is not named
+    assert json.loads(latest.read_text())["global_step"] == killed_at
+
     out, _ = _train(interrupted).communicate(timeout=600)
     assert f"resumed from step-{killed_at:07d}" in out, out[-2000:]
     a = load_file(tmp_path / "a" / "run" / "biencoder" / "model" / "query" / "model.safetensors")
@@ -74,6 +82,16 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, tiny_decoder):
     assert set(evaluation["dev"]) >= {"recall@1", "mrr@10", "recall@100"}
     kept = sorted(p.name for p in latest.parent.glob("step-*"))
     assert kept == [f"step-{steps - 10:07d}", f"step-{steps:07d}"]  # keep_checkpoints=2, older removed
+
+
+def test_config_changes_by_hand():
+    from irbase.training import config_changes
+
+    old = {"train": {"max_steps": 10, "threads": 1, "lr": 0.1}, "recipe": {"eval": {"queries": 5}, "seed": 1}}
+    new = {"train": {"max_steps": 20, "threads": 4, "lr": 0.1}, "recipe": {"eval": {"queries": 9}, "seed": 1,
+                                                                            "extra": True}}
+    assert config_changes(old, new) == ["recipe.extra: None -> True", "train.max_steps: 10 -> 20"]
+    assert config_changes(old, old) == []
 
 
 @pytest.mark.parametrize("module", ["biencoder.train", "biencoder.encode", "biencoder.index", "biencoder.mine",
