@@ -157,6 +157,15 @@ class Trainer:
             raise ValueError(f"fewer training examples than one batch ({cfg.batch_size} x {world} processes)")
         steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
         total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        run_record = to_jsonable({"train": cfg, "world_size": world, "total_steps": total, **self.run_info})
+        latest = self._latest()
+        recorded = self.output_dir / "train_config.json"
+        if latest and recorded.is_file():  # checked before DeepSpeed builds anything
+            changes = config_changes(json.loads(recorded.read_text()), run_record)
+            if changes:  # resuming would splice two recipes (e.g. a new max_steps re-stretches the LR schedule)
+                raise ResumeRefused(f"{self.checkpoints} holds checkpoints of another config "
+                                    f"({'; '.join(changes)}): restore that config to resume, or move "
+                                    f"{self.output_dir} away (or choose another run name) to train afresh")
         optimizer = torch.optim.AdamW(param_groups(self.model, cfg.learning_rate), lr=cfg.learning_rate,
                                       weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -165,15 +174,6 @@ class Trainer:
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world))
 
         state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "micros": 0, "examples": 0}
-        run_record = to_jsonable({"train": cfg, "world_size": world, "total_steps": total, **self.run_info})
-        latest = self._latest()
-        recorded = self.output_dir / "train_config.json"
-        if latest and recorded.is_file():
-            changes = config_changes(json.loads(recorded.read_text()), run_record)
-            if changes:  # resuming would splice two recipes (e.g. a new max_steps re-stretches the LR schedule)
-                raise ResumeRefused(f"{self.checkpoints} holds checkpoints of another config ({'; '.join(changes)}): "
-                                 f"restore that config to resume, or move {self.output_dir} away (or choose "
-                                 "another run name) to train afresh")
         if latest:
             _, client = engine.load_checkpoint(str(self.checkpoints), tag=latest["tag"])
             state.update({k: client[k] for k in state})

@@ -38,7 +38,7 @@ class BuildConfig:
         'biencoder.negatives.files=["{run_dir}/negatives.biencoder.tsv","{data_root}/negatives.train.tsv"]'])
     benchmark_split: str = "dev"
     sweep: list[str] = field(default_factory=lambda: [       # arguments of python -m benchmarks.sweep
-        "--sample", "100", "--variants", "int8", "fp32"])
+        "--sample", "100", "--depths", "0", "5", "10", "20", "30", "50", "--variants", "int8", "fp32"])
 
 
 @dataclass
