@@ -48,6 +48,7 @@ class ExportConfig:
     opset: int = 18
     shrink_vocab: bool = True       # keep only tokens the corpus and queries produce (+ byte fallback)
     int8_ffn_down_fp32: bool = True  # keep the MLP down-projections fp32 in int8: their input has outliers
+    int8_per_channel: bool = False   # per-output-channel weight scales (onnxruntime 1.32: worse here; report)
     check_queries: int = 8          # held batch: dev queries x passages (their positives + random ones)
     check_passages: int = 16
     tolerance: dict[str, Tolerance] = field(default_factory=lambda: {
@@ -127,14 +128,28 @@ def ffn_down_nodes(path: Path, intermediate_size: int, hidden_size: int) -> list
             and shapes.get(n.input[1]) == (intermediate_size, hidden_size)]
 
 
-def quantize_int8(source: Path, target: Path, exclude: Sequence[str] = ()) -> None:
+def head_nodes(path: Path) -> list[str]:
+    """The MatMul/Gemm nodes of the scoring head (weight `model.head.*`).
+
+    Kept fp32 in int8: a hidden x 1 product saves nothing quantized, while quantizing its input (the pooled
+    vector, per tensor) puts the whole error of the outlier-dominated range straight onto the logit."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer if t.name.startswith("model.head.")}
+    nodes = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & weights]
+    # onnxruntime >= 1.32 rewrites a Gemm into `<name>_MatMul` + Add before it applies nodes_to_exclude
+    return [name for n in nodes for name in ([n.name, f"{n.name}_MatMul"] if n.op_type == "Gemm" else [n.name])]
+
+
+def quantize_int8(source: Path, target: Path, exclude: Sequence[str] = (), per_channel: bool = False) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.WARNING))  # the quantizer logs every tensor at INFO on the root logger
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=per_channel,
                          op_types_to_quantize=["MatMul", "Gemm", "Gather"], nodes_to_exclude=list(exclude))
     finally:
         root.setLevel(level)
@@ -174,11 +189,11 @@ def export_variants(model: CrossEncoder, out_dir: Path, config: ExportConfig,
                     fp32_copy = stage / "model.onnx"
                     fp32_copy.write_bytes(fp32.read_bytes())
                 elif variant == "int8":
-                    kept_fp32 = []
+                    kept_fp32 = head_nodes(fp32)
                     if config.int8_ffn_down_fp32:
                         shape = exported.backbone.config
-                        kept_fp32 = ffn_down_nodes(fp32, shape.intermediate_size, shape.hidden_size)
-                    quantize_int8(fp32, stage / "model.onnx", kept_fp32)
+                        kept_fp32 += ffn_down_nodes(fp32, shape.intermediate_size, shape.hidden_size)
+                    quantize_int8(fp32, stage / "model.onnx", kept_fp32, config.int8_per_channel)
                 else:
                     convert_fp16(fp32, stage / "model.onnx")
                 exported.pairs.save(stage)

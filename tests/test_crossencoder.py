@@ -92,6 +92,9 @@ def test_export_parity_runtime_and_save_load(tmp_path, kind, tiny_decoder, tiny_
     config = ExportConfig(variants=["fp32", "int8"])
     if kind == "encoder":  # a random BERT scores every pair within ~0.02: int8 noise reorders those near-ties
         config.tolerance["int8"] = Tolerance(max_abs=0.2, min_spearman=-1.0)
+    else:  # random Gemma weights: per-tensor activation quantization of the v-projections' inputs moves the
+        # ~10-logit spread by up to ~4.4 (onnxruntime 1.32); the order must still hold. Trained weights: report
+        config.tolerance["int8"] = Tolerance(max_abs=6.0, min_spearman=0.93)
     reports = export_variants(model, tmp_path / "onnx", config, GROUPS)
     assert reports["fp32"]["max_abs"] < 1e-4 and reports["fp32"]["spearman"] > 0.999
     assert reports["int8"]["max_abs"] < 0.5
@@ -113,15 +116,18 @@ def test_int8_keeps_the_mlp_down_projections_fp32(tmp_path, kind, tiny_decoder, 
     export_variants(model, tmp_path / "mixed", ExportConfig(variants=["int8"], tolerance=loose), GROUPS)
     export_variants(model, tmp_path / "all", ExportConfig(variants=["int8"], tolerance=loose,
                                                           int8_ffn_down_fp32=False), GROUPS)
-    kept = json.loads((tmp_path / "mixed" / "int8" / "export.json").read_text())["fp32_nodes"]
-    assert len(kept) == model.backbone.config.num_hidden_layers  # one down-projection per layer
     shape = (model.backbone.config.intermediate_size, model.backbone.config.hidden_size)
     for name, expect_fp32 in (("mixed", True), ("all", False)):
+        kept = json.loads((tmp_path / name / "int8" / "export.json").read_text())["fp32_nodes"]
         graph = onnx.load(str(tmp_path / name / "int8" / "model.onnx")).graph
-        floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT
-                  and tuple(t.dims) == shape}
-        plain = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in floats]
-        assert sorted(plain) == (sorted(kept) if expect_fp32 else [])
+        floats = {t.name: tuple(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+        down = sorted(n.name for n in graph.node if n.op_type == "MatMul" and floats.get(n.input[1]) == shape)
+        head = [k for k in kept if k not in down]
+        assert head and all(k.startswith(head[0]) for k in head)  # the scoring head always stays fp32
+        quantized = [n.name for n in graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+        assert not [n for n in quantized if n.startswith(head[0])]
+        assert down == (sorted(set(kept) - set(head)) if expect_fp32 else [])
+        assert len(down) == (model.backbone.config.num_hidden_layers if expect_fp32 else 0)  # one per layer
         assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
 
 
