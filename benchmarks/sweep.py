@@ -29,6 +29,8 @@ from benchmarks.harness import latency_summary, select_queries
 from pipeline.config import RunRecord
 from pipeline.retriever import Retriever
 
+log = logging.getLogger(__name__)
+
 DEPTHS = (0, 5, 10, 20, 30, 50, 100, 200)
 
 
@@ -115,8 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--depths must be >= 0")
     record = RunRecord.load(run_dir)
     budget = record.serving.latency_budget_ms
+    onnx_dir = run_dir / record.serving.crossencoder / "onnx"
+    variants = [v for v in args.variants if (onnx_dir / v / "export.json").exists()]
+    for v in sorted(set(args.variants) - set(variants)):
+        log.warning("variant %s: no checked export in %s (refused or not exported); skipped", v, onnx_dir / v)
+    if not variants:
+        parser.error(f"--variants {' '.join(args.variants)}: none is exported in {onnx_dir}")
     retrievers = {v: Retriever(run_dir, variant=v, depth=max(args.depths), latency_budget_ms=float("inf"))
-                  for v in args.variants}
+                  for v in variants}
     queries = select_queries(dataset, args.sample, seed=13)
     rows = sweep(retrievers, queries, dataset.qrels, sorted(set(args.depths)))
     chosen = choose(rows, budget, args.margin)

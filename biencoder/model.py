@@ -15,7 +15,7 @@ from torch import nn
 
 from irbase.artifacts import atomic_dir, atomic_write_json
 from irbase.config import from_dict
-from irbase.lm import BaseLMConfig, is_decoder, load_backbone, load_tokenizer
+from irbase.lm import BaseLMConfig, bf16_fast, is_decoder, load_backbone, load_tokenizer
 
 from biencoder.loss import matryoshka_info_nce
 
@@ -113,6 +113,7 @@ class BiEncoder(nn.Module):
         """float32 [n, dim] L2-normalised embeddings, in input order."""
         self.eval()
         device = next(self.parameters()).device
+        bf16 = bf16 and bf16_fast(device)  # emulated bf16 is far slower than fp32
         out = []
         for start in range(0, len(texts), batch_size):
             batch = {k: v.to(device) for k, v in self.tokenize(texts[start:start + batch_size], kind).items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -56,7 +57,11 @@ class ExportConfig:
 
 
 class ExportRefused(RuntimeError):
-    """An exported variant disagrees with torch beyond its tolerance."""
+    """Every exported variant disagrees with torch beyond its tolerance."""
+
+
+class _Refused(Exception):
+    """Leaves one variant's atomic_dir without swapping it in."""
 
 
 class _Logits(nn.Module):
@@ -166,7 +171,11 @@ def convert_fp16(source: Path, target: Path) -> None:
 def export_variants(model: CrossEncoder, out_dir: Path, config: ExportConfig,
                     groups: Sequence[tuple[str, list[str]]], shrink: VocabShrink | None = None,
                     extra: dict | None = None) -> dict[str, dict]:
-    """Export, check and atomically write each variant; raises ExportRefused (nothing written) on a miss."""
+    """Export, check and atomically write each variant.
+
+    A variant beyond its tolerance is refused and not written (its report says why, `refused`), while the
+    others still are, so one noisy quantization does not cost the build its fp32 model; ExportRefused is
+    raised when every variant was refused."""
     from crossencoder.runtime import OnnxReranker
 
     for variant in config.variants:
@@ -184,36 +193,43 @@ def export_variants(model: CrossEncoder, out_dir: Path, config: ExportConfig,
         export_fp32(exported, fp32, config.opset)
         export_seconds = time.perf_counter() - start
         for variant in config.variants:
-            with atomic_dir(out_dir / variant) as stage:
-                if variant == "fp32":
-                    fp32_copy = stage / "model.onnx"
-                    fp32_copy.write_bytes(fp32.read_bytes())
-                elif variant == "int8":
-                    kept_fp32 = head_nodes(fp32)
-                    if config.int8_ffn_down_fp32:
-                        shape = exported.backbone.config
-                        kept_fp32 += ffn_down_nodes(fp32, shape.intermediate_size, shape.hidden_size)
-                    quantize_int8(fp32, stage / "model.onnx", kept_fp32, config.int8_per_channel)
-                else:
-                    convert_fp16(fp32, stage / "model.onnx")
-                exported.pairs.save(stage)
-                runtime = OnnxReranker(stage, check_manifest=False)
-                report = parity(reference, [runtime.score(q, ps) for q, ps in groups])
-                tol = config.tolerance[variant]
-                report.update(variant=variant, provider=runtime.provider, tolerance=asdict(tol),
-                              fp32_nodes=kept_fp32 if variant == "int8" else [],
-                              held_pairs=sum(len(ps) for _, ps in groups), export_seconds=export_seconds,
-                              size_mb=(stage / "model.onnx").stat().st_size / 2 ** 20)
-                if report["max_abs"] > tol.max_abs or report["spearman"] < tol.min_spearman:
-                    raise ExportRefused(f"{variant} export disagrees with torch beyond tolerance: "
-                                        f"max |diff| {report['max_abs']:.4g} (allowed {tol.max_abs}), "
-                                        f"Spearman {report['spearman']:.4f} (needs >= {tol.min_spearman}); "
-                                        f"not saved")
-                atomic_write_json(stage / EXPORT_FILE, {**report, "vocab": shrink.stats if shrink else None,
-                                                        "environment": environment(), **(extra or {})})
-                reports[variant] = report
-                log.info("%s: max |diff| %.3g, Spearman %.4f, top-1 agreement %.2f, %.0f MB", variant,
-                         report["max_abs"], report["spearman"], report["top1_agreement"], report["size_mb"])
+            try:
+                with atomic_dir(out_dir / variant) as stage:
+                    if variant == "fp32":
+                        fp32_copy = stage / "model.onnx"
+                        fp32_copy.write_bytes(fp32.read_bytes())
+                    elif variant == "int8":
+                        kept_fp32 = head_nodes(fp32)
+                        if config.int8_ffn_down_fp32:
+                            shape = exported.backbone.config
+                            kept_fp32 += ffn_down_nodes(fp32, shape.intermediate_size, shape.hidden_size)
+                        quantize_int8(fp32, stage / "model.onnx", kept_fp32, config.int8_per_channel)
+                    else:
+                        convert_fp16(fp32, stage / "model.onnx")
+                    exported.pairs.save(stage)
+                    runtime = OnnxReranker(stage, check_manifest=False)
+                    report = parity(reference, [runtime.score(q, ps) for q, ps in groups])
+                    tol = config.tolerance[variant]
+                    report.update(variant=variant, provider=runtime.provider, tolerance=asdict(tol),
+                                  fp32_nodes=kept_fp32 if variant == "int8" else [],
+                                  held_pairs=sum(len(ps) for _, ps in groups), export_seconds=export_seconds,
+                                  size_mb=(stage / "model.onnx").stat().st_size / 2 ** 20)
+                    if report["max_abs"] > tol.max_abs or report["spearman"] < tol.min_spearman:
+                        reason = (f"{variant} export disagrees with torch beyond tolerance: "
+                                  f"max |diff| {report['max_abs']:.4g} (allowed {tol.max_abs}), "
+                                  f"Spearman {report['spearman']:.4f} (needs >= {tol.min_spearman}); not saved")
+                        log.error("%s", reason)
+                        reports[variant] = {**report, "refused": reason}
+                        raise _Refused
+                    atomic_write_json(stage / EXPORT_FILE, {**report, "vocab": shrink.stats if shrink else None,
+                                                            "environment": environment(), **(extra or {})})
+                    reports[variant] = report
+                    log.info("%s: max |diff| %.3g, Spearman %.4f, top-1 agreement %.2f, %.0f MB", variant,
+                             report["max_abs"], report["spearman"], report["top1_agreement"], report["size_mb"])
+            except _Refused:
+                shutil.rmtree(out_dir / variant, ignore_errors=True)  # an older export is of another model
+    if all("refused" in r for r in reports.values()):
+        raise ExportRefused("; ".join(r["refused"] for r in reports.values()))
     return reports
 
 
@@ -239,10 +255,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         shrink = VocabShrink.from_texts(model.pairs, dataset_texts(data.root))
         log.info("vocabulary: %d of %d tokens kept", shrink.stats["kept"], shrink.stats["original"])
     groups = held_batch(dev, config.check_queries, config.check_passages, seed=0)
-    reports = export_variants(model, stage / "onnx", config, groups, shrink,
-                              extra={"model": model_fingerprint(model_dir), "model_dir": str(model_dir),
-                                     "config": asdict(config)})
+    try:
+        reports = export_variants(model, stage / "onnx", config, groups, shrink,
+                                  extra={"model": model_fingerprint(model_dir), "model_dir": str(model_dir),
+                                         "config": asdict(config)})
+    except ExportRefused as e:
+        print(f"python -m crossencoder.export: every variant refused, nothing written: {e}", file=sys.stderr)
+        return 2
     for variant, r in reports.items():
+        if "refused" in r:
+            print(f"{variant}: REFUSED ({r['refused']})", file=sys.stderr)
+            continue
         print(f"{variant}: max|diff| {r['max_abs']:.2e}  spearman {r['spearman']:.4f}  "
               f"top1 {r['top1_agreement']:.2f}  {r['size_mb']:.0f} MB -> {stage / 'onnx' / variant}")
     return 0

@@ -15,7 +15,7 @@ from torch import nn
 
 from irbase.artifacts import atomic_dir, atomic_write_json
 from irbase.config import from_dict
-from irbase.lm import BaseLMConfig, is_decoder, load_backbone
+from irbase.lm import BaseLMConfig, bf16_fast, is_decoder, load_backbone
 
 from crossencoder.pairs import PairEncoder, PairFormat
 
@@ -123,6 +123,7 @@ class CrossEncoder(nn.Module):
         """float32 scores of each passage for the query, in input order."""
         self.eval()
         device = next(self.parameters()).device
+        bf16 = bf16 and bf16_fast(device)  # emulated bf16 is far slower than fp32
         out = np.zeros(len(passages), dtype=np.float32)
         order = np.argsort([len(p) for p in passages], kind="stable")  # similar lengths share a batch
         for start in range(0, len(order), batch_size):

@@ -50,6 +50,20 @@ class BaseLMConfig:
     reference_baseline: bool = False  # allow an embedding/retrieval checkpoint, as a labelled baseline only
 
 
+def bf16_fast(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 autocast speeds `device` up rather than slowing it down.
+
+    CUDA: when the GPU supports bf16. CPU: only with AVX512-BF16 or AMX; without them PyTorch emulates
+    bf16 and a Gemma training step took 100x longer (663 s instead of 6.3 s on a 2-core AVX2 EPYC)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 def cache_root(config: BaseLMConfig) -> Path:
     root = config.cache_dir or os.environ.get("MSMARCO_RERANK_CACHE") or Path.home() / ".cache" / "msmarco-rerank"
     return Path(root)

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from irbase.artifacts import atomic_write_json, atomic_write_text, to_jsonable
+from irbase.lm import bf16_fast
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,12 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
     ds.update(train_micro_batch_size_per_gpu=config.batch_size, gradient_accumulation_steps=config.grad_accum,
               train_batch_size=config.batch_size * config.grad_accum * world_size,
               gradient_clipping=config.max_grad_norm, steps_per_print=10 ** 9)
+    autocast = ds.get("torch_autocast", {})
+    if (autocast.get("enabled") and "bfloat16" in str(autocast.get("dtype", "bfloat16"))
+            and not torch.cuda.is_available() and not bf16_fast("cpu")):
+        log.warning("train.deepspeed_config %s: this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 "
+                    "autocast is emulated and ~100x slower; training in fp32", path)
+        ds["torch_autocast"] = {**autocast, "enabled": False}
     ds.pop("optimizer", None)  # we pass torch's AdamW: no fused_adam build on CPU
     ds.pop("scheduler", None)
     return ds

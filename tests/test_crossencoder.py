@@ -92,12 +92,10 @@ def test_export_parity_runtime_and_save_load(tmp_path, kind, tiny_decoder, tiny_
     config = ExportConfig(variants=["fp32", "int8"])
     if kind == "encoder":  # a random BERT scores every pair within ~0.02: int8 noise reorders those near-ties
         config.tolerance["int8"] = Tolerance(max_abs=0.2, min_spearman=-1.0)
-    else:  # random Gemma weights: per-tensor activation quantization of the v-projections' inputs moves the
-        # ~10-logit spread by up to ~4.4 (onnxruntime 1.32); the order must still hold. Trained weights: report
-        config.tolerance["int8"] = Tolerance(max_abs=6.0, min_spearman=0.93)
     reports = export_variants(model, tmp_path / "onnx", config, GROUPS)
     assert reports["fp32"]["max_abs"] < 1e-4 and reports["fp32"]["spearman"] > 0.999
-    assert reports["int8"]["max_abs"] < 0.5
+    if kind == "decoder":  # per-tensor int8 with the head fp32 (per channel: 4.4 / 0.957 on this model)
+        assert reports["int8"]["max_abs"] < 1.0 and reports["int8"]["spearman"] > 0.99
     runtime = OnnxReranker(tmp_path / "onnx" / "fp32", threads=1, batch_size=2)  # several batches, length-sorted
     assert runtime.provider == "CPUExecutionProvider"
     for q, ps in GROUPS:
@@ -138,6 +136,19 @@ def test_export_beyond_tolerance_is_refused_and_not_saved(tmp_path, tiny_decoder
         export_variants(model, tmp_path / "onnx", strict, GROUPS)
     assert not (tmp_path / "onnx" / "int8").exists()
     assert not list((tmp_path / "onnx").glob("*")) if (tmp_path / "onnx").exists() else True
+
+
+def test_a_refused_variant_is_not_saved_while_the_others_are(tmp_path, tiny_decoder):
+    model = _model(tiny_decoder)
+    stale = tmp_path / "onnx" / "int8"
+    stale.mkdir(parents=True)
+    (stale / "export.json").write_text("{}")  # an older model's export must not survive a refusal
+    config = ExportConfig(variants=["fp32", "int8"])
+    config.tolerance["int8"] = Tolerance(max_abs=1e-9, min_spearman=1.0)
+    reports = export_variants(model, tmp_path / "onnx", config, GROUPS)
+    assert "int8 export disagrees" in reports["int8"]["refused"] and "refused" not in reports["fp32"]
+    assert (tmp_path / "onnx" / "fp32" / "export.json").exists() and not stale.exists()
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["fp32"]  # no temporary left behind
 
 
 def test_runtime_refuses_an_unchecked_export(tmp_path):

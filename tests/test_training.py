@@ -102,3 +102,18 @@ def test_entry_points_have_help(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert result.returncode == 0 and "usage: python -m" in result.stdout
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch, native):
+    import torch
+
+    from irbase.lm import bf16_fast
+    from irbase.training import TrainConfig, deepspeed_config
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bf16_fast("cpu") is native
+    ds = deepspeed_config(TrainConfig(deepspeed_config=str(Path(__file__).parents[1] / "configs/deepspeed/cpu_bf16.json")), 1)
+    assert ds["torch_autocast"]["enabled"] is native and ds["torch_autocast"]["dtype"] == "bfloat16"
