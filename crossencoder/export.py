@@ -142,9 +142,7 @@ def head_nodes(path: Path) -> list[str]:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer if t.name.startswith("model.head.")}
-    nodes = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & weights]
-    # onnxruntime >= 1.32 rewrites a Gemm into `<name>_MatMul` + Add before it applies nodes_to_exclude
-    return [name for n in nodes for name in ([n.name, f"{n.name}_MatMul"] if n.op_type == "Gemm" else [n.name])]
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & weights]
 
 
 def quantize_int8(source: Path, target: Path, exclude: Sequence[str] = (), per_channel: bool = False) -> None:
@@ -155,7 +153,9 @@ def quantize_int8(source: Path, target: Path, exclude: Sequence[str] = (), per_c
     root.setLevel(max(level, logging.WARNING))  # the quantizer logs every tensor at INFO on the root logger
     try:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=per_channel,
-                         op_types_to_quantize=["MatMul", "Gemm", "Gather"], nodes_to_exclude=list(exclude))
+                         op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+                         # onnxruntime >= 1.32 rewrites a Gemm into `<name>_MatMul` + Add before excluding
+                         nodes_to_exclude=[*exclude, *(f"{name}_MatMul" for name in exclude)])
     finally:
         root.setLevel(level)
 

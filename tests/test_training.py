@@ -108,12 +108,14 @@ def test_entry_points_have_help(module):
 def test_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch, native):
     import torch
 
-    from irbase.lm import bf16_fast
+    from irbase import lm
     from irbase.training import TrainConfig, deepspeed_config
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert bf16_fast("cpu") is native
+    lm._cpu_bf16.cache_clear()
+    assert lm.bf16_fast("cpu") is native
     ds = deepspeed_config(TrainConfig(deepspeed_config=str(Path(__file__).parents[1] / "configs/deepspeed/cpu_bf16.json")), 1)
     assert ds["torch_autocast"]["enabled"] is native and ds["torch_autocast"]["dtype"] == "bfloat16"
+    lm._cpu_bf16.cache_clear()  # later tests see the real CPU
