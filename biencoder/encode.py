@@ -27,6 +27,7 @@ from irbase.artifacts import (ArtifactError, atomic_path, atomic_write_json, fil
                               read_manifest, write_manifest)
 from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset, add_dataset_args, dataset_from_args
+from irbase.lm import bf16_fast
 from irbase.runconfig import DataConfig, stage_dir
 
 from biencoder.model import BiEncoder
@@ -53,8 +54,10 @@ def encode_collection(model: BiEncoder, passages: Sequence[tuple[str, str]], out
     Shards of another model or collection are refused, or with `replace_stale` deleted and redone.
     """
     out_dir = Path(out_dir)
+    # bf16 as actually used: it falls back to fp32 where the device lacks native bf16
+    bf16 = config.bf16 and bf16_fast(next(model.parameters()).device)
     settings = {"shard_size": config.shard_size, "dtype": config.dtype, "dim": config.dim,
-                "count": len(passages), "bf16": config.bf16}
+                "count": len(passages), "bf16": bf16}
     if (out_dir / "manifest.json").is_file():
         manifest = read_manifest(out_dir, KIND)
         if manifest["inputs"] != inputs or manifest["config"] != settings:
@@ -83,7 +86,7 @@ def encode_collection(model: BiEncoder, passages: Sequence[tuple[str, str]], out
             for b in range(0, len(ids), config.batch_size):
                 chunk = ids[b:b + config.batch_size]
                 matrix[b:b + len(chunk)] = model.encode([passages[i][1] for i in chunk], "passage",
-                                                        batch_size=len(chunk), dim=config.dim, bf16=config.bf16)
+                                                        batch_size=len(chunk), dim=config.dim, bf16=bf16)
                 bar.update(len(chunk))
                 encoded += len(chunk)
                 bar.set_postfix(passages_per_s=f"{encoded / (time.perf_counter() - start):.1f}")

@@ -164,7 +164,15 @@ class Trainer:
             raise ValueError(f"fewer training examples than one batch ({cfg.batch_size} x {world} processes)")
         steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
         total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-        run_record = to_jsonable({"train": cfg, "world_size": world, "total_steps": total, **self.run_info})
+        ds = deepspeed_config(cfg, world)
+        # the precision actually used (bf16 autocast is switched off on CPUs without native bf16): resuming on
+        # a machine that would train in another precision is refused like any other recipe change
+        autocast = ds.get("torch_autocast", {})
+        precision = ("bf16 weights" if ds.get("bf16", {}).get("enabled") else
+                     "fp16 weights" if ds.get("fp16", {}).get("enabled") else
+                     f"{autocast.get('dtype', 'bfloat16')} autocast" if autocast.get("enabled") else "fp32")
+        run_record = to_jsonable({"train": cfg, "world_size": world, "total_steps": total, "precision": precision,
+                                  **self.run_info})
         latest = self._latest()
         recorded = self.output_dir / "train_config.json"
         if latest and recorded.is_file():  # checked before DeepSpeed builds anything
@@ -178,7 +186,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, linear_schedule(max(total, 1), int(cfg.warmup_ratio * total)))
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world))
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
 
         state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "micros": 0, "examples": 0}
         if latest:

@@ -80,6 +80,8 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, tiny_decoder):
     assert [r["step"] for r in log] == list(range(5, steps + 1, 5))  # no step logged twice after the resume
     evaluation = json.loads((tmp_path / "b" / "run" / "biencoder" / "eval.json").read_text())
     assert set(evaluation["dev"]) >= {"recall@1", "mrr@10", "recall@100"}
+    recorded = json.loads((tmp_path / "b" / "run" / "biencoder" / "train_config.json").read_text())
+    assert recorded["precision"] == "fp32" and recorded["total_steps"] == steps
     kept = sorted(p.name for p in latest.parent.glob("step-*"))
     assert kept == [f"step-{steps - 10:07d}", f"step-{steps:07d}"]  # keep_checkpoints=2, older removed
 
@@ -105,17 +107,28 @@ def test_entry_points_have_help(module):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch, native):
+def test_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch, tmp_path, tiny_encoder, native):
     import torch
 
+    from biencoder.encode import EncodeConfig, encode_collection
+    from biencoder.model import BiEncoder, BiEncoderConfig
     from irbase import lm
+    from irbase.artifacts import read_manifest
+    from irbase.lm import BaseLMConfig
     from irbase.training import TrainConfig, deepspeed_config
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     lm._cpu_bf16.cache_clear()
-    assert lm.bf16_fast("cpu") is native
-    ds = deepspeed_config(TrainConfig(deepspeed_config=str(Path(__file__).parents[1] / "configs/deepspeed/cpu_bf16.json")), 1)
-    assert ds["torch_autocast"]["enabled"] is native and ds["torch_autocast"]["dtype"] == "bfloat16"
-    lm._cpu_bf16.cache_clear()  # later tests see the real CPU
+    try:
+        assert lm.bf16_fast("cpu") is native
+        ds = deepspeed_config(TrainConfig(deepspeed_config=str(Path(__file__).parents[1] / "configs/deepspeed/cpu_bf16.json")), 1)
+        assert ds["torch_autocast"]["enabled"] is native and ds["torch_autocast"]["dtype"] == "bfloat16"
+        # the embeddings' manifest records the precision used, not the one asked for
+        model = BiEncoder.from_base(BiEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_encoder))))
+        out = encode_collection(model, [("p1", "a passage"), ("p2", "another passage")], tmp_path / "emb",
+                                EncodeConfig(bf16=True, dtype="float32"), {"collection": "c", "model": "m"})
+        assert read_manifest(out, "embeddings")["config"]["bf16"] is native
+    finally:
+        lm._cpu_bf16.cache_clear()  # later tests see the real CPU
