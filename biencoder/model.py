@@ -15,7 +15,7 @@ from torch import nn
 
 from irbase.artifacts import atomic_dir, atomic_write_json
 from irbase.config import from_dict
-from irbase.lm import BaseLMConfig, bf16_fast, is_decoder, load_backbone, load_tokenizer
+from irbase.lm import BaseLMConfig, bf16_fast, by_length, is_decoder, load_backbone, load_tokenizer
 
 from biencoder.loss import matryoshka_info_nce
 
@@ -36,6 +36,7 @@ class BiEncoderConfig:
     passage_max_length: int = 160
     temperature: float = 0.05
     freeze_embeddings: bool = True      # the 262k-token embedding matrix is most of Gemma: keep it fixed
+    chunk_rows: int | None = 16         # forward in length-sorted chunks of this many texts: same output, less padding
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -96,9 +97,11 @@ class BiEncoder(nn.Module):
         """Unnormalised pooled (and projected) embeddings; normalise after any prefix cut."""
         backbone = self.passage_backbone if kind == "passage" and self.passage_backbone is not None \
             else self.query_backbone
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.config.pooling)
-        return self.projection(pooled) if self.projection is not None else pooled
+        def pooled(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return pool(backbone(input_ids=ids, attention_mask=mask).last_hidden_state, mask, self.config.pooling)
+
+        out = by_length(pooled, input_ids, attention_mask, self.config.chunk_rows)
+        return self.projection(out) if self.projection is not None else out
 
     def forward(self, query_input_ids, query_attention_mask, passage_input_ids, passage_attention_mask,
                 labels, false_negatives=None, num_examples=None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -49,6 +49,27 @@ class BaseLMConfig:
     bidirectional: bool = False       # decoders: attend both ways (Gemma 3 supports it natively)
     cache_dir: str | None = None      # default: $MSMARCO_RERANK_CACHE or ~/.cache/msmarco-rerank
     reference_baseline: bool = False  # allow an embedding/retrieval checkpoint, as a labelled baseline only
+
+
+def by_length(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+              attention_mask: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """`fn(ids, mask) -> [B, ...]` over length-sorted chunks of `rows`, each cut to its own longest row.
+
+    A training batch is padded to its longest text (MS MARCO passages: 79 tokens on average, cut at 160),
+    so one pass spends much of its compute on padding. With right padding a row's output does not depend on
+    the positions after it, so the chunks give the one-pass result (to float rounding) for less compute;
+    gradients flow through the gather. None: one pass, still cut to the longest row."""
+    lengths = attention_mask.sum(1)
+    if not rows or input_ids.shape[0] <= rows:
+        width = max(1, int(lengths.max()))
+        return fn(input_ids[:, :width], attention_mask[:, :width])
+    order = torch.argsort(lengths, descending=True, stable=True)
+    outputs = []
+    for start in range(0, len(order), rows):
+        chunk = order[start:start + rows]
+        width = max(1, int(lengths[chunk].max()))
+        outputs.append(fn(input_ids[chunk, :width], attention_mask[chunk, :width]))
+    return torch.cat(outputs)[torch.argsort(order)]
 
 
 def bf16_fast(device: torch.device | str = "cpu") -> bool:

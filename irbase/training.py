@@ -53,9 +53,10 @@ class BatchSource(Protocol):
         ...
 
 
-# Settings a resumed run may change: they decide how it is watched, not what it learns.
+# Settings a resumed run may change: they decide how it is watched or laid out on the hardware (chunk_rows:
+# the same outputs in length-sorted chunks), not what it learns.
 RESUMABLE_CHANGES = frozenset({"threads", "log_every", "save_every", "keep_checkpoints", "eval_every", "eval",
-                               "final_eval", "proxy"})
+                               "final_eval", "proxy", "chunk_rows"})
 
 
 class ResumeRefused(ValueError):

@@ -230,3 +230,29 @@ def test_proxy_evaluation_is_fixed_and_reports_bm25_beside(tiny_msmarco, tiny_en
     assert result["proxy_passages"] == len(pids)
     assert result["proxy_bm25_recall@1"] == 1.0  # BM25 finds each tiny query's answer first
     assert 0.0 <= result["proxy_recall@1"] <= 1.0 and "proxy_mrr@10" in result
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_length_chunked_forward_equals_one_padded_pass(kind, pooling, tiny_decoder, tiny_encoder):
+    lm = BaseLMConfig(name=str(tiny_decoder), bidirectional=True) if kind == "decoder" \
+        else BaseLMConfig(name=str(tiny_encoder))
+    texts = list(PASSAGES.values()) + ["short", "a somewhat longer passage about goldfish and their memory " * 3]
+    one = BiEncoder.from_base(BiEncoderConfig(base_lm=lm, pooling=pooling, chunk_rows=None))
+    chunked = BiEncoder.from_base(BiEncoderConfig(base_lm=lm, pooling=pooling, chunk_rows=2))
+    chunked.load_state_dict(one.state_dict())
+    batch = one.tokenize(texts, "passage")
+    lengths = batch["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 2  # rows of different lengths, so chunks are cut to different widths
+    outs = []
+    for model in (one, chunked):
+        model.eval()  # no dropout: the two passes must see the same function; autograd works regardless
+        model.zero_grad()
+        emb = model.embed(batch["input_ids"], batch["attention_mask"], "passage")
+        (emb * torch.linspace(-1, 1, emb.shape[-1])).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        outs.append((emb.detach(), grads))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-4)
+    assert outs[0][1].keys() == outs[1][1].keys() and outs[0][1]
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)

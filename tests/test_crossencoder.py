@@ -236,3 +236,17 @@ def test_init_from_a_fine_tuned_backbone_and_head_learning_rate(tmp_path, tiny_d
         CrossEncoder.from_base(cut, init_from=tmp_path / "tower")
     with pytest.raises(FileNotFoundError, match="config.json"):
         CrossEncoder.from_base(config, init_from=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_length_chunked_scores_equal_one_padded_pass(kind, tiny_decoder, tiny_encoder):
+    model = _model(tiny_decoder if kind == "decoder" else tiny_encoder, chunk_rows=2)
+    passages = list(PASSAGES.values()) + ["short", "goldfish remember things for months " * 5]
+    ids, mask = (torch.from_numpy(a) for a in model.pairs.encode("what is the capital of australia", passages))
+    assert len(set(mask.sum(1).tolist())) > 2
+    with torch.no_grad():
+        torch.testing.assert_close(model.chunked_logits(ids, mask), model.logits(ids, mask), atol=1e-5, rtol=1e-4)
+        group = torch.arange(4)  # a training group: the loss sees the same logits either way
+        loss = model(ids[group], mask[group], group_size=4)
+        model.config.chunk_rows = None
+        torch.testing.assert_close(model(ids[group], mask[group], group_size=4), loss)
