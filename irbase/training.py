@@ -104,6 +104,16 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def precision(ds: dict[str, Any]) -> str:
+    """The precision a DeepSpeed config trains in, after `deepspeed_config` has gated bf16 autocast."""
+    autocast = ds.get("torch_autocast", {})
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16 weights"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16 weights"
+    return f"{autocast.get('dtype', 'bfloat16')} autocast" if autocast.get("enabled") else "fp32"
+
+
 def param_groups(model: torch.nn.Module, lr: float) -> list[dict[str, Any]]:
     """Trainable parameters; a model with a `param_groups(lr)` method (a fresh head beside a pretrained
     backbone) chooses its own learning rates."""
@@ -166,14 +176,9 @@ class Trainer:
         steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
         total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
         ds = deepspeed_config(cfg, world)
-        # the precision actually used (bf16 autocast is switched off on CPUs without native bf16): resuming on
-        # a machine that would train in another precision is refused like any other recipe change
-        autocast = ds.get("torch_autocast", {})
-        precision = ("bf16 weights" if ds.get("bf16", {}).get("enabled") else
-                     "fp16 weights" if ds.get("fp16", {}).get("enabled") else
-                     f"{autocast.get('dtype', 'bfloat16')} autocast" if autocast.get("enabled") else "fp32")
-        run_record = to_jsonable({"train": cfg, "world_size": world, "total_steps": total, "precision": precision,
-                                  **self.run_info})
+        # recorded, so resuming on a machine that would train in another precision is refused like any recipe change
+        run_record = to_jsonable({"train": cfg, "world_size": world, "total_steps": total,
+                                  "precision": precision(ds), **self.run_info})
         latest = self._latest()
         recorded = self.output_dir / "train_config.json"
         if latest and recorded.is_file():  # checked before DeepSpeed builds anything

@@ -123,7 +123,8 @@ def test_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch, tmp_path,
     lm._cpu_bf16.cache_clear()
     try:
         assert lm.bf16_fast("cpu") is native
-        ds = deepspeed_config(TrainConfig(deepspeed_config=str(Path(__file__).parents[1] / "configs/deepspeed/cpu_bf16.json")), 1)
+        ds_path = Path(__file__).parents[1] / "configs/deepspeed/cpu_bf16.json"
+        ds = deepspeed_config(TrainConfig(deepspeed_config=str(ds_path)), 1)
         assert ds["torch_autocast"]["enabled"] is native and ds["torch_autocast"]["dtype"] == "bfloat16"
         # the embeddings' manifest records the precision used, not the one asked for
         model = BiEncoder.from_base(BiEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_encoder))))
