@@ -49,6 +49,8 @@ def test_config_yaml_overrides_and_nesting(tmp_path):
     cfg = load_section(path, "model", Outer, ["model.inner.name=abc", "model.layers=[4, 8]", "model.note=hi"])
     assert cfg == Outer(lr=3.0, layers=[4, 8], inner=Inner(depth=5, name="abc"), note="hi")
     assert load_section(path, "missing", Outer) == Outer()
+    # YAML 1.1 reads 3e-4 (no dot) as a string: a float field still takes it as the number
+    assert load_section(path, "model", Outer, ["model.lr=3e-4"]).lr == 3e-4
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -59,6 +61,8 @@ def test_config_errors_name_the_key(tmp_path):
     path.write_text("model:\n  inner:\n    depth: deep\n")
     with pytest.raises(ConfigError, match=r"model\.inner\.depth: expected int"):
         load_section(path, "model", Outer)
+    with pytest.raises(ConfigError, match=r"model\.lr: expected float, got 'fast'"):
+        load_section(path, "model", Outer, ["model.inner.depth=1", "model.lr=fast"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_yaml(path, ["model.lr"])
     with pytest.raises(ConfigError, match="not found"):
