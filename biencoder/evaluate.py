@@ -1,17 +1,28 @@
 """Exact-search effectiveness of a bi-encoder on a split: encode the collection (resumable shards),
-search every judged query with `IndexFlatIP`, score with the shared metrics."""
+search every judged query with `IndexFlatIP`, score with the shared metrics.
+
+`python -m biencoder.evaluate --model DIR` re-evaluates a saved model (the fixed proxy by default, or
+`--full`) and keeps its ranking as a TREC run beside the model, for `python -m benchmarks.paired`."""
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from irbase.bm25 import BM25Index
+from irbase.artifacts import atomic_write_json
+from irbase.bm25 import BM25Config, BM25Index, build_or_load
+from irbase.config import add_config_args, from_dict, load_section, load_yaml
 from irbase.dataset import Dataset
 from irbase.metrics import Evaluation, evaluate
+from irbase.runconfig import DataConfig, RunConfig, stage_dir
+from irbase.trec import write_trec_run
 
-from biencoder.encode import EncodeConfig, encode_collection
+from biencoder.encode import EncodeConfig, collection_inputs, encode_collection
 from biencoder.index import DenseIndex, IndexConfig
 from biencoder.model import BiEncoder
 
@@ -25,11 +36,15 @@ def search_queries(model: BiEncoder, index: DenseIndex, queries: dict[str, str],
 
 
 def evaluate_exact(model: BiEncoder, dataset: Dataset, shard_dir: str | Path, encode: EncodeConfig,
-                   inputs: dict[str, str], k: int = 100) -> tuple[Evaluation, DenseIndex]:
+                   inputs: dict[str, str], k: int = 100, run_path: str | Path | None = None
+                   ) -> tuple[Evaluation, DenseIndex]:
+    """`run_path`: also keep the ranking as a TREC run, so two recipes can be compared query by query."""
     passages = list(dataset.iter_collection())
     encode_collection(model, passages, shard_dir, encode, inputs, replace_stale=True)
     exact = DenseIndex.from_shards(shard_dir, IndexConfig(kind="flat"))
     run = search_queries(model, exact, dataset.queries, k, encode.dim, encode.bf16)
+    if run_path is not None:
+        write_trec_run(run_path, run, tag="biencoder")
     return evaluate({q: [p for p, _ in hits] for q, hits in run.items()}, dataset.qrels), exact
 
 
@@ -60,8 +75,9 @@ def proxy_corpus(dataset: Dataset, bm25: BM25Index, config: ProxyConfig, seed: i
 
 
 def evaluate_proxy(model: BiEncoder, dataset: Dataset, bm25: BM25Index, config: ProxyConfig, seed: int,
-                   bf16: bool = True) -> dict[str, float]:
-    """Dense and BM25 metrics on the proxy corpus, named `proxy_*` and `proxy_bm25_*`."""
+                   bf16: bool = True, run_path: str | Path | None = None) -> dict[str, float]:
+    """Dense and BM25 metrics on the proxy corpus, named `proxy_*` and `proxy_bm25_*`; `run_path` keeps
+    the dense ranking as a TREC run for paired comparisons (`python -m benchmarks.paired`)."""
     qids, pids = proxy_corpus(dataset, bm25, config, seed)
     allowed = set(pids)
     collection = dataset.collection
@@ -70,6 +86,8 @@ def evaluate_proxy(model: BiEncoder, dataset: Dataset, bm25: BM25Index, config: 
     queries = {q: dataset.queries[q] for q in qids}
     qrels = {q: dataset.qrels[q] for q in qids}
     dense = search_queries(model, index, queries, 100, bf16=bf16)
+    if run_path is not None:
+        write_trec_run(run_path, dense, tag="biencoder-proxy")
     lexical = bm25.search_ids(list(queries.values()), len(pids))
     result = {f"proxy_{k}": v for k, v in
               evaluate({q: [p for p, _ in dense[q]] for q in qids}, qrels).means.items()}
@@ -77,3 +95,37 @@ def evaluate_proxy(model: BiEncoder, dataset: Dataset, bm25: BM25Index, config: 
         {q: [p for p, _ in hits if p in allowed][:100] for q, hits in zip(qids, lexical)}, qrels).means.items()})
     result["proxy_passages"] = len(pids)
     return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m biencoder.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="saved bi-encoder (default: <run.dir>/<biencoder.name>/model)")
+    parser.add_argument("--full", action="store_true",
+                        help="encode the whole dev collection (into <model>/../embeddings) instead of the proxy")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    run = load_section(args.config, "run", RunConfig, args.overrides)
+    data = load_section(args.config, "data", DataConfig, args.overrides)
+    model_dir = Path(args.model or stage_dir(args.config, args.overrides, "biencoder") / "model")
+    model = BiEncoder.load(model_dir)
+    dev = Dataset.from_dir(data.root, data.dev_split)
+    out = model_dir.parent
+    if args.full:
+        encode = load_section(args.config, "encode", EncodeConfig, args.overrides)
+        evaluation, _ = evaluate_exact(model, dev, out / "embeddings", encode, collection_inputs(dev, model_dir),
+                                       run_path=out / "dev.trec")
+        metrics, name = evaluation.means, "dev"
+    else:
+        raw = load_yaml(args.config, args.overrides).get("biencoder", {}).get("proxy")
+        proxy = from_dict(ProxyConfig, raw, f"{args.config}:biencoder.proxy")
+        bm25 = build_or_load(Path(run.dir) / "bm25", dev, load_section(args.config, "bm25", BM25Config, args.overrides))
+        metrics = evaluate_proxy(model, dev, bm25, proxy, run.seed, run_path=out / "dev_proxy.trec")
+        name = "dev_proxy"
+    atomic_write_json(out / f"eval-{name}.json", {name: metrics, "model": str(model_dir)})
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

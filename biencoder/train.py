@@ -85,14 +85,15 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     summary = {"train_seconds": train_seconds, "train_queries": len(examples)}
     if recipe.final_eval == "proxy":
         start = time.perf_counter()
-        summary.update(dev_proxy=evaluate_proxy(trained, dev_set, bm25, recipe.proxy, run.seed),
+        summary.update(dev_proxy=evaluate_proxy(trained, dev_set, bm25, recipe.proxy, run.seed,
+                                                run_path=out / "dev_proxy.trec"),
                        dev_split=dev_set.split, eval_seconds=time.perf_counter() - start)
         print(" ".join(f"{k}={v:.4f}" for k, v in summary["dev_proxy"].items()))
     elif recipe.final_eval == "full":
         encode = load_section(config_path, "encode", EncodeConfig, overrides)
         start = time.perf_counter()
         evaluation, _ = evaluate_exact(trained, dev_set, out / "embeddings", encode,
-                                       collection_inputs(dev_set, out / "model"))
+                                       collection_inputs(dev_set, out / "model"), run_path=out / "dev.trec")
         summary.update(dev=evaluation.means, dev_split=dev_set.split, eval_seconds=time.perf_counter() - start)
         print(" ".join(f"{k}={v:.4f}" for k, v in evaluation.means.items()))
     atomic_write_json(out / "eval.json", summary)

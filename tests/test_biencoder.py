@@ -213,9 +213,11 @@ def test_llama_decoder_loads_and_refuses_bidirectional(tmp_path, tiny_decoder):
         load_config(BaseLMConfig(name=str(tmp_path / "llama"), bidirectional=True))
 
 
-def test_proxy_evaluation_is_fixed_and_reports_bm25_beside(tiny_msmarco, tiny_encoder):
+def test_proxy_evaluation_is_fixed_and_reports_bm25_beside(tmp_path, tiny_msmarco, tiny_encoder):
     from irbase.bm25 import BM25Config, BM25Index
     from irbase.dataset import Dataset
+    from irbase.metrics import evaluate
+    from irbase.trec import read_trec_run
 
     from biencoder.evaluate import ProxyConfig, evaluate_proxy, proxy_corpus
 
@@ -226,10 +228,15 @@ def test_proxy_evaluation_is_fixed_and_reports_bm25_beside(tiny_msmarco, tiny_en
     assert (qids, pids) == proxy_corpus(ds, bm25, config, seed=0) and len(qids) == 3
     assert {p for q in qids for p in ds.qrels[q]} <= set(pids)  # every judged passage is in
     model = BiEncoder.from_base(BiEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_encoder))))
-    result = evaluate_proxy(model, ds, bm25, config, seed=0, bf16=False)
+    result = evaluate_proxy(model, ds, bm25, config, seed=0, bf16=False, run_path=tmp_path / "proxy.trec")
     assert result["proxy_passages"] == len(pids)
     assert result["proxy_bm25_recall@1"] == 1.0  # BM25 finds each tiny query's answer first
     assert 0.0 <= result["proxy_recall@1"] <= 1.0 and "proxy_mrr@10" in result
+    # the kept ranking is the one scored: same queries, passages from the proxy corpus, same metrics
+    run = {q: [p for p, _ in hits] for q, hits in read_trec_run(tmp_path / "proxy.trec").items()}
+    assert sorted(run) == qids and all(set(r) <= set(pids) for r in run.values())
+    again = evaluate(run, {q: ds.qrels[q] for q in qids}).means
+    assert again["recall@1"] == result["proxy_recall@1"] and again["mrr@10"] == result["proxy_mrr@10"]
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])

@@ -12,6 +12,7 @@ from irbase.slice import SliceConfig, make_slice
 from tests.conftest import PASSAGES, QRELS, QUERIES, write_tsv
 
 from benchmarks.load import load_test
+from benchmarks.paired import compare_runs, main as paired_main
 from benchmarks.stats import bootstrap_interval, paired_test, per_query_values
 from benchmarks.systems import RerankedSearcher
 
@@ -129,3 +130,34 @@ def test_rerank_benchmark_fuses_like_the_retriever_by_hand():
     # k 1, weight 0.5: a 1/2 + .5/4 = .625, b 1/3 + .5/2 = .583, c 1/4 + .5/3 = .417
     assert fuse(candidates, scores, 3, 1, 0.5) == {"q": ["a", "b", "c", "d"]}
     assert fuse(candidates, {("q", "a"): 0.0, ("q", "b"): 1.0}, 2, 1, None) == {"q": ["b", "a", "c", "d"]}
+
+
+def test_paired_runs_by_hand(tmp_path, tiny_msmarco, capsys):
+    from irbase.trec import write_trec_run
+
+    qrels = {"q1": {"p1": 1}, "q2": {"p2": 1}, "q3": {"p3": 1}, "q4": {"p4": 1}}
+    a = {"q1": ["p1", "x"], "q2": ["x", "p2"], "q3": ["x", "y"], "q4": ["p4"]}   # hit@1 on q1, q4
+    b = {"q1": ["p1"], "q2": ["p2", "x"], "q3": ["y", "x", "p3"], "q4": ["p4"]}  # hit@1 on q1, q2, q4
+    rows = {r["metric"]: r for r in compare_runs(a, b, qrels, ("a", "b"), ["recall@1", "mrr@10"])}
+    assert rows["recall@1"]["a"].mean == 0.5 and rows["recall@1"]["b"].mean == 0.75
+    assert rows["recall@1"]["diff"].difference == 0.25 and rows["recall@1"]["diff"].queries == 4
+    # MRR: a = (1 + 1/2 + 0 + 1) / 4, b = (1 + 1 + 1/3 + 1) / 4
+    assert rows["mrr@10"]["a"].mean == pytest.approx(2.5 / 4)
+    assert rows["mrr@10"]["diff"].difference == pytest.approx((10 / 3 - 2.5) / 4)
+    with pytest.raises(ValueError, match="rank different queries .*first: q4"):
+        compare_runs(a, {q: r for q, r in b.items() if q != "q4"}, qrels, ("a", "b"))
+    with pytest.raises(ValueError, match="no judgements in the split"):
+        compare_runs({"zz": ["p1"]}, {"zz": ["p1"]}, qrels, ("a", "b"))
+    # the command reads TREC runs and judges them against the split's qrels
+    for name, run in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        write_trec_run(tmp_path / name / "run.trec", {q: [(p, -i) for i, p in enumerate(r)] for q, r in run.items()})
+    ds = Dataset.from_dir(tiny_msmarco, "dev")
+    first = sorted(ds.qrels)[:2]
+    for name, hits in (("a", [[], []]), ("b", [[next(iter(ds.qrels[q]))] for q in first])):
+        write_trec_run(tmp_path / name / "dev.trec", {q: [(p, 1.0) for p in h] or [("none", 0.0)]
+                                                       for q, h in zip(first, hits)})
+    assert paired_main([str(tmp_path / "a" / "dev.trec"), str(tmp_path / "b" / "dev.trec"), "--data",
+                        str(tiny_msmarco), "--split", "dev", "--metrics", "recall@1"]) == 0
+    out = capsys.readouterr().out
+    assert "| recall@1 | 0.000 [0.000, 0.000] | 1.000 [1.000, 1.000] | +1.000" in out and "2 queries" in out
