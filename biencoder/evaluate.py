@@ -74,6 +74,11 @@ def proxy_corpus(dataset: Dataset, bm25: BM25Index, config: ProxyConfig, seed: i
     return qids, sorted(pool) + extra
 
 
+def proxy_bm25(config_path: str | None, overrides: Sequence[str], run_dir: str | Path, dev: Dataset) -> BM25Index:
+    """The dev BM25 index the proxy draws its distractors from, shared by every run under `run_dir`."""
+    return build_or_load(Path(run_dir) / "bm25", dev, load_section(config_path, "bm25", BM25Config, overrides))
+
+
 def evaluate_proxy(model: BiEncoder, dataset: Dataset, bm25: BM25Index, config: ProxyConfig, seed: int,
                    bf16: bool = True, run_path: str | Path | None = None) -> dict[str, float]:
     """Dense and BM25 metrics on the proxy corpus, named `proxy_*` and `proxy_bm25_*`; `run_path` keeps
@@ -119,8 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         raw = load_yaml(args.config, args.overrides).get("biencoder", {}).get("proxy")
         proxy = from_dict(ProxyConfig, raw, f"{args.config}:biencoder.proxy")
-        bm25 = build_or_load(Path(run.dir) / "bm25", dev, load_section(args.config, "bm25", BM25Config, args.overrides))
-        metrics = evaluate_proxy(model, dev, bm25, proxy, run.seed, run_path=out / "dev_proxy.trec")
+        metrics = evaluate_proxy(model, dev, proxy_bm25(args.config, args.overrides, run.dir, dev), proxy, run.seed,
+                                 run_path=out / "dev_proxy.trec")
         name = "dev_proxy"
     atomic_write_json(out / f"eval-{name}.json", {name: metrics, "model": str(model_dir)})
     print(json.dumps(metrics, indent=1))

@@ -18,7 +18,6 @@ from typing import Sequence
 
 
 from irbase.artifacts import atomic_write_json, file_fingerprint
-from irbase.bm25 import BM25Config, build_or_load
 from irbase.config import load_section
 from irbase.dataset import Dataset
 from irbase.examples import NegativesConfig, TrainExamples, load_negative_lists
@@ -27,7 +26,7 @@ from irbase.training import TrainConfig, Trainer, train_main
 
 from biencoder.data import TrainBatches
 from biencoder.encode import EncodeConfig, collection_inputs
-from biencoder.evaluate import ProxyConfig, evaluate_exact, evaluate_proxy
+from biencoder.evaluate import ProxyConfig, evaluate_exact, evaluate_proxy, proxy_bm25
 from biencoder.model import BiEncoder, BiEncoderConfig
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
         raise ValueError(f"biencoder.final_eval {recipe.final_eval!r}: expected full, proxy or none")
     bm25 = None
     if recipe.train.eval_every or recipe.final_eval == "proxy":
-        bm25 = build_or_load(Path(run.dir) / "bm25", dev_set, load_section(config_path, "bm25", BM25Config, overrides))
+        bm25 = proxy_bm25(config_path, overrides, run.dir, dev_set)
     periodic = (lambda m: evaluate_proxy(m, dev_set, bm25, recipe.proxy, run.seed)) \
         if recipe.train.eval_every else None
     start = time.perf_counter()

@@ -149,12 +149,10 @@ def test_paired_runs_by_hand(tmp_path, tiny_msmarco, capsys):
     with pytest.raises(ValueError, match="no judgements in the split"):
         compare_runs({"zz": ["p1"]}, {"zz": ["p1"]}, qrels, ("a", "b"))
     # the command reads TREC runs and judges them against the split's qrels
-    for name, run in (("a", a), ("b", b)):
-        (tmp_path / name).mkdir()
-        write_trec_run(tmp_path / name / "run.trec", {q: [(p, -i) for i, p in enumerate(r)] for q, r in run.items()})
     ds = Dataset.from_dir(tiny_msmarco, "dev")
     first = sorted(ds.qrels)[:2]
     for name, hits in (("a", [[], []]), ("b", [[next(iter(ds.qrels[q]))] for q in first])):
+        (tmp_path / name).mkdir()
         write_trec_run(tmp_path / name / "dev.trec", {q: [(p, 1.0) for p in h] or [("none", 0.0)]
                                                        for q, h in zip(first, hits)})
     assert paired_main([str(tmp_path / "a" / "dev.trec"), str(tmp_path / "b" / "dev.trec"), "--data",
