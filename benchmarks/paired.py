@@ -46,6 +46,19 @@ def compare_runs(a: dict[str, list[str]], b: dict[str, list[str]], qrels, names:
     return rows
 
 
+def rank1_overlap(a: dict[str, list[str]], b: dict[str, list[str]], qrels) -> dict[str, int]:
+    """Queries each run answers at rank 1: two systems with equal recall@1 may win different queries,
+    which is what fusing or reranking their candidates can exploit (`either` is that ceiling)."""
+    judged = {q: qrels[q] for q in a if q in qrels}
+    per_a, per_b = evaluate(a, judged).per_query, evaluate(b, judged).per_query
+    counts = {"both": 0, "only_a": 0, "only_b": 0, "neither": 0}
+    for q in per_a:
+        ha, hb = per_a[q]["recall@1"] > 0, per_b[q]["recall@1"] > 0
+        counts["both" if ha and hb else "only_a" if ha else "only_b" if hb else "neither"] += 1
+    counts["either"] = counts["both"] + counts["only_a"] + counts["only_b"]
+    return counts
+
+
 def render(rows: list[dict], names: tuple[str, str]) -> str:
     def cell(iv) -> str:
         return f"{iv.mean:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
@@ -77,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = tuple(args.names or (p.parent.name for p in paths))
     runs = [{q: [pid for pid, _ in hits] for q, hits in read_trec_run(p).items()} for p in paths]
     print(render(compare_runs(runs[0], runs[1], dataset.qrels, names, args.metrics), names))
+    o = rank1_overlap(runs[0], runs[1], dataset.qrels)
+    print(f"\nAt rank 1: both {o['both']}, only {names[0]} {o['only_a']}, only {names[1]} {o['only_b']}, "
+          f"neither {o['neither']}; either (oracle) {o['either']}/{len(runs[0])}")
     return 0
 
 

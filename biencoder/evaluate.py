@@ -81,8 +81,9 @@ def proxy_bm25(config_path: str | None, overrides: Sequence[str], run_dir: str |
 
 def evaluate_proxy(model: BiEncoder, dataset: Dataset, bm25: BM25Index, config: ProxyConfig, seed: int,
                    bf16: bool = True, run_path: str | Path | None = None) -> dict[str, float]:
-    """Dense and BM25 metrics on the proxy corpus, named `proxy_*` and `proxy_bm25_*`; `run_path` keeps
-    the dense ranking as a TREC run for paired comparisons (`python -m benchmarks.paired`)."""
+    """Dense and BM25 metrics on the proxy corpus, named `proxy_*` and `proxy_bm25_*`. `run_path` keeps
+    the dense ranking as a TREC run, and BM25's beside it (`<stem>_bm25.trec`), so recipes can be paired
+    with each other and with BM25 on the same passages (`python -m benchmarks.paired`)."""
     qids, pids = proxy_corpus(dataset, bm25, config, seed)
     allowed = set(pids)
     collection = dataset.collection
@@ -91,13 +92,16 @@ def evaluate_proxy(model: BiEncoder, dataset: Dataset, bm25: BM25Index, config: 
     queries = {q: dataset.queries[q] for q in qids}
     qrels = {q: dataset.qrels[q] for q in qids}
     dense = search_queries(model, index, queries, 100, bf16=bf16)
+    lexical = {q: [(p, s) for p, s in hits if p in allowed][:100]
+               for q, hits in zip(qids, bm25.search_ids(list(queries.values()), len(pids)))}
     if run_path is not None:
+        run_path = Path(run_path)
         write_trec_run(run_path, dense, tag="biencoder-proxy")
-    lexical = bm25.search_ids(list(queries.values()), len(pids))
+        write_trec_run(run_path.with_name(f"{run_path.stem}_bm25.trec"), lexical, tag="bm25-proxy")
     result = {f"proxy_{k}": v for k, v in
               evaluate({q: [p for p, _ in dense[q]] for q in qids}, qrels).means.items()}
-    result.update({f"proxy_bm25_{k}": v for k, v in evaluate(
-        {q: [p for p, _ in hits if p in allowed][:100] for q, hits in zip(qids, lexical)}, qrels).means.items()})
+    result.update({f"proxy_bm25_{k}": v for k, v in
+                   evaluate({q: [p for p, _ in lexical[q]] for q in qids}, qrels).means.items()})
     result["proxy_passages"] = len(pids)
     return result
 

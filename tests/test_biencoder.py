@@ -237,6 +237,10 @@ def test_proxy_evaluation_is_fixed_and_reports_bm25_beside(tmp_path, tiny_msmarc
     assert sorted(run) == qids and all(set(r) <= set(pids) for r in run.values())
     again = evaluate(run, {q: ds.qrels[q] for q in qids}).means
     assert again["recall@1"] == result["proxy_recall@1"] and again["mrr@10"] == result["proxy_mrr@10"]
+    # and BM25's ranking on the same passages beside it, for pairing a recipe against BM25
+    lexical = {q: [p for p, _ in hits] for q, hits in read_trec_run(tmp_path / "proxy_bm25.trec").items()}
+    assert sorted(lexical) == qids and all(set(r) <= set(pids) for r in lexical.values())
+    assert evaluate(lexical, {q: ds.qrels[q] for q in qids}).means["recall@1"] == result["proxy_bm25_recall@1"]
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])

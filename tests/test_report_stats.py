@@ -1,5 +1,6 @@
 """Report statistics against hand-computed cases, the load test, the reranked baseline, config
 inheritance and the data slice."""
+import threading
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ from irbase.slice import SliceConfig, make_slice
 from tests.conftest import PASSAGES, QRELS, QUERIES, write_tsv
 
 from benchmarks.load import load_test
-from benchmarks.paired import compare_runs, main as paired_main
+from benchmarks.paired import compare_runs, main as paired_main, rank1_overlap
 from benchmarks.stats import bootstrap_interval, paired_test, per_query_values
 from benchmarks.systems import RerankedSearcher
 
@@ -49,24 +50,33 @@ def test_paired_test_cases():
 
 
 class _Sleepy:
+    """Counts calls and how many run at once: overlap, not wall time, shows the clients are concurrent."""
+
     def __init__(self):
-        self.calls = 0
+        self.calls = self.in_flight = self.most = 0
+        self.lock = threading.Lock()
 
     def search(self, query, k):
-        self.calls += 1
-        time.sleep(0.02)
+        with self.lock:
+            self.calls += 1
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        time.sleep(0.05)
+        with self.lock:
+            self.in_flight -= 1
         return [Result("p", "t", 1.0)] * k
 
 
-def test_load_test_counts_every_call_and_scales_with_clients():
-    searcher = _Sleepy()
-    one = load_test(searcher, ["q"] * 12, 1)
-    four = load_test(searcher, ["q"] * 12, 4)
-    assert searcher.calls == 24 and one["latency_ms"]["n"] == four["latency_ms"]["n"] == 12
-    assert one["latency_ms"]["p50"] >= 19.0
-    assert four["queries_per_s"] > 2 * one["queries_per_s"]   # sleeping releases the GIL: real overlap
+def test_load_test_counts_every_call_and_runs_clients_concurrently():
+    one_client, four_clients = _Sleepy(), _Sleepy()
+    one = load_test(one_client, ["q"] * 12, 1)
+    four = load_test(four_clients, ["q"] * 12, 4)
+    assert one_client.calls == four_clients.calls == 12 and one["latency_ms"]["n"] == four["latency_ms"]["n"] == 12
+    assert one["latency_ms"]["p50"] >= 49.0
+    assert one_client.most == 1 and four_clients.most > 1   # sleeping releases the GIL: real overlap
+    assert four["queries_per_s"] > one["queries_per_s"]
     with pytest.raises(ValueError):
-        load_test(searcher, ["q"], 0)
+        load_test(one_client, ["q"], 0)
 
 
 class _First:
@@ -144,6 +154,8 @@ def test_paired_runs_by_hand(tmp_path, tiny_msmarco, capsys):
     # MRR: a = (1 + 1/2 + 0 + 1) / 4, b = (1 + 1 + 1/3 + 1) / 4
     assert rows["mrr@10"]["a"].mean == pytest.approx(2.5 / 4)
     assert rows["mrr@10"]["diff"].difference == pytest.approx((10 / 3 - 2.5) / 4)
+    assert rank1_overlap(a, b, qrels) == {"both": 2, "only_a": 0, "only_b": 1, "neither": 1, "either": 3}
+    assert rank1_overlap(b, a, qrels)["only_a"] == 1
     with pytest.raises(ValueError, match="rank different queries .*first: q4"):
         compare_runs(a, {q: r for q, r in b.items() if q != "q4"}, qrels, ("a", "b"))
     with pytest.raises(ValueError, match="no judgements in the split"):
@@ -159,3 +171,4 @@ def test_paired_runs_by_hand(tmp_path, tiny_msmarco, capsys):
                         str(tiny_msmarco), "--split", "dev", "--metrics", "recall@1"]) == 0
     out = capsys.readouterr().out
     assert "| recall@1 | 0.000 [0.000, 0.000] | 1.000 [1.000, 1.000] | +1.000" in out and "2 queries" in out
+    assert "At rank 1: both 0, only a 0, only b 2, neither 0; either (oracle) 2/2" in out
