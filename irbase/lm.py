@@ -75,18 +75,20 @@ def by_length(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_id
 def bf16_fast(device: torch.device | str = "cpu") -> bool:
     """Whether bf16 autocast speeds `device` up rather than slowing it down.
 
-    CUDA: when the GPU supports bf16. CPU: only with AVX512-BF16 or AMX; without them PyTorch emulates
-    bf16 and a Gemma training step took 100x longer (663 s instead of 6.3 s on a 2-core AVX2 EPYC)."""
+    CUDA: when the GPU supports bf16. CPU: only with AMX tiles. Without AVX512-BF16 PyTorch emulates bf16
+    (a Gemma training step took 663 s instead of 15.7 s in fp32 on a 2-core AVX2 EPYC), and with AVX512-BF16
+    but no AMX it still lost to fp32 on a 2-core Xeon: 9.5 against 6.2 s per training step, 28 against 39
+    passages/s encoding (benchmarks/reports/biencoder-mini.md, session 10)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and _cpu_bf16()
+    return device.type == "cpu" and _cpu_amx()
 
 
 @functools.cache
-def _cpu_bf16() -> bool:  # cached: encode() asks on every query
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
+def _cpu_amx() -> bool:  # cached: encode() asks on every query
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check is not None and check())
 
 
 def cache_root(config: BaseLMConfig) -> Path:
