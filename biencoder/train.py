@@ -8,6 +8,7 @@ automatically), train_log.jsonl, embeddings/ (dev collection shards) and eval.js
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ from irbase.training import TrainConfig, Trainer, train_main
 from biencoder.data import TrainBatches
 from biencoder.encode import EncodeConfig, collection_inputs
 from biencoder.evaluate import ProxyConfig, evaluate_exact, evaluate_proxy, proxy_bm25
-from biencoder.model import BiEncoder, BiEncoderConfig
+from biencoder.model import CONFIG_FILE, BiEncoder, BiEncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class BiEncoderRecipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     init_from: str | None = None            # continue from a trained bi-encoder (round 2)
+    # with init_from: start the data stream where that run stopped, so a second round reaches the training
+    # queries the first did not instead of repeating its batches (sets train.data_offset when that is 0)
+    continue_data: bool = True
     max_train_queries: int | None = None    # a slice, for smoke runs
     final_eval: str = "full"                # full: encode the dev collection, exact search; proxy; none
     proxy: ProxyConfig = field(default_factory=ProxyConfig)  # for final_eval=proxy and train.eval_every
@@ -48,6 +52,23 @@ def load_recipe(config_path: str | None, overrides: Sequence[str]) -> tuple[RunC
     return (load_section(config_path, "run", RunConfig, overrides),
             load_section(config_path, "data", DataConfig, overrides),
             load_section(config_path, "biencoder", BiEncoderRecipe, overrides))
+
+
+def stream_position(model_dir: str | Path) -> int:
+    """Examples of its seeded data stream that the run which trained `model_dir` consumed.
+
+    Recorded in the model's config; models saved before that are read from their run's last checkpoint
+    record (those runs always started the stream at 0)."""
+    model_dir = Path(model_dir)
+    recorded = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("stream_position")
+    if recorded is not None:
+        return int(recorded)
+    latest = model_dir.parent / "checkpoints" / "latest.json"
+    if latest.is_file():
+        return int(json.loads(latest.read_text(encoding="utf-8"))["examples"])
+    raise ValueError(f"biencoder.init_from {model_dir}: no record of how far its training got (no stream_position "
+                     f"in {CONFIG_FILE}, no {latest}); set biencoder.train.data_offset, or "
+                     "biencoder.continue_data=false to restart the stream")
 
 
 def train(config_path: str | None, overrides: Sequence[str]) -> Path:
@@ -65,6 +86,10 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     model = BiEncoder.load(recipe.init_from) if recipe.init_from else BiEncoder.from_base(recipe.model, run.seed)
     if recipe.init_from:
         model.config.temperature = recipe.model.temperature
+        if recipe.continue_data and recipe.train.data_offset == 0:
+            recipe.train.data_offset = stream_position(recipe.init_from)
+            log.info("continuing the data stream of %s after %d examples", recipe.init_from,
+                     recipe.train.data_offset)
     source = TrainBatches(examples, recipe.train.batch_size, model.tokenize)
     if recipe.final_eval not in ("full", "proxy", "none"):
         raise ValueError(f"biencoder.final_eval {recipe.final_eval!r}: expected full, proxy or none")
@@ -74,13 +99,15 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     periodic = (lambda m: evaluate_proxy(m, dev_set, bm25, recipe.proxy, run.seed)) \
         if recipe.train.eval_every else None
     start = time.perf_counter()
-    trained = Trainer(model, recipe.train, out, source, periodic,
-                      run_info={"recipe": asdict(recipe), "seed": run.seed}).train()
+    trainer = Trainer(model, recipe.train, out, source, periodic,
+                      run_info={"recipe": asdict(recipe), "seed": run.seed})
+    trained = trainer.train()
     train_seconds = time.perf_counter() - start
     if int(os.environ.get("RANK", 0)) != 0:
         return out
     trained.save(out / "model", extra={"recipe": asdict(recipe), "seed": run.seed,
-                                       "train_collection": file_fingerprint(train_set.collection_path)})
+                                       "train_collection": file_fingerprint(train_set.collection_path),
+                                       "stream_position": trainer.stream_position})
     summary = {"train_seconds": train_seconds, "train_queries": len(examples)}
     if recipe.final_eval == "proxy":
         start = time.perf_counter()

@@ -2,7 +2,8 @@
 `deepspeed --num_gpus N -m <package>.train` on GPUs, with the same code.
 
 The model's forward returns the loss. Data order is a pure function of (seed, epoch), so a run resumed
-from its last checkpoint sees exactly the batches an uninterrupted run would have seen.
+from its last checkpoint sees exactly the batches an uninterrupted run would have seen, and a run that
+continues another (`data_offset`) sees the examples that one did not reach.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int | None = None   # optimizer steps between evaluations; None: only at the end
     threads: int | None = None      # torch CPU threads (None: torch's default)
+    data_offset: int = 0            # examples of the seeded stream (epoch after epoch) to skip before step 1
 
 
 class BatchSource(Protocol):
@@ -140,6 +142,7 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.checkpoints = self.output_dir / "checkpoints"
         self.run_info = run_info or {}
+        self.stream_position: int | None = None  # examples of the stream consumed when training ended
 
     def _latest(self) -> dict[str, Any] | None:
         latest = self.checkpoints / "latest.json"
@@ -194,7 +197,10 @@ class Trainer:
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
 
-        state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "micros": 0, "examples": 0}
+        per_micro = cfg.batch_size * world
+        per_epoch = micro_per_epoch * per_micro
+        state = {"global_step": 0, "epoch": cfg.data_offset // per_epoch,
+                 "micro_in_epoch": cfg.data_offset % per_epoch // per_micro, "micros": 0, "examples": 0}
         if latest:
             _, client = engine.load_checkpoint(str(self.checkpoints), tag=latest["tag"])
             state.update({k: client[k] for k in state})
@@ -245,6 +251,7 @@ class Trainer:
                 state["micro_in_epoch"] = 0
         bar.close()
         self._save(engine, state, rank)
+        self.stream_position = state["epoch"] * per_epoch + state["micro_in_epoch"] * per_micro
         return engine.module
 
     def _evaluate(self, engine, step: int, log_path: Path, rank: int) -> None:

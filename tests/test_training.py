@@ -135,3 +135,59 @@ def test_bf16_autocast_only_where_the_cpu_has_amx(monkeypatch, tmp_path, tiny_en
         assert read_manifest(out, "embeddings")["config"]["bf16"] is native
     finally:
         lm._cpu_amx.cache_clear()  # later tests see the real CPU
+
+
+_CONTINUED = r"""
+import json, sys, torch
+from irbase.training import Trainer, TrainConfig
+
+class Source:  # 10 micro-batches of 4 examples per epoch; records which ones training asked for
+    def __init__(self):
+        self.seen = []
+    def micro_batches_per_epoch(self, world_size):
+        return 10
+    def batches(self, epoch, skip, rank, world_size):
+        for index in range(skip, 10):
+            self.seen.append([epoch, index])
+            yield {"x": torch.full((4, 2), float(index)), "num_examples": 4}
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 1)
+    def forward(self, x, num_examples):
+        return self.linear(x).pow(2).mean()
+
+source = Source()
+trainer = Trainer(Model(), TrainConfig(deepspeed_config=sys.argv[1], batch_size=4, max_steps=5, data_offset=28,
+                                       save_every=100, log_every=1), sys.argv[2], source)
+trainer.train()
+print(json.dumps({"seen": source.seen, "position": trainer.stream_position}))
+"""
+
+
+def test_a_continued_run_starts_the_stream_where_the_first_stopped(tmp_path):
+    """Round 2 used to replay round 1's batches (same seed, same epoch 0) and never reach the rest."""
+    result = subprocess.run([sys.executable, "-c", _CONTINUED, str(REPO / "configs/deepspeed/cpu_fp32.json"),
+                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    # 28 examples = 7 micro-batches of 4: the rest of epoch 0, then epoch 1 from its start
+    assert out["seen"] == [[0, 7], [0, 8], [0, 9], [1, 0], [1, 1]]
+    assert out["position"] == 28 + 5 * 4
+
+
+def test_stream_position_of_an_init_model(tmp_path):
+    from biencoder.train import stream_position
+
+    model = tmp_path / "r1" / "model"
+    model.mkdir(parents=True)
+    (model / "biencoder.json").write_text(json.dumps({"stream_position": 8000}))
+    assert stream_position(model) == 8000
+    (model / "biencoder.json").write_text(json.dumps({}))  # saved before positions were recorded
+    with pytest.raises(ValueError, match="continue_data=false"):
+        stream_position(model)
+    (tmp_path / "r1" / "checkpoints").mkdir()
+    (tmp_path / "r1" / "checkpoints" / "latest.json").write_text(json.dumps({"tag": "step-0000250", "examples": 7968}))
+    assert stream_position(model) == 7968
