@@ -22,6 +22,7 @@ from biencoder.encode import EncodeConfig, encode_collection
 from biencoder.index import KIND as INDEX_KIND, DenseIndex, IndexConfig
 from biencoder.model import BiEncoder
 from crossencoder.runtime import OnnxReranker
+from pipeline.budget import PairCost
 from pipeline.config import BUILD_HINT, RunRecord, ServingConfig, default_run_dir
 from pipeline.fusion import reciprocal_rank_fusion, rerank_order
 from pipeline.store import PassageStore
@@ -68,8 +69,7 @@ class Retriever:
         if self.record.corpus:
             self._load_corpus()
         self._encode_lock = threading.Lock()  # one torch forward at a time: it already uses every core
-        self._stats_lock = threading.Lock()
-        self._ms_per_pair: float | None = None  # running estimate that decides how much fits the deadline
+        self.cost = PairCost()  # decides how many candidates fit before each search's deadline
 
     def _load_reranker(self, variant: str) -> OnnxReranker:
         path = self.run_dir / self.serving.crossencoder / "onnx" / variant
@@ -163,17 +163,23 @@ class Retriever:
         cut = False
         position = 0
         while position < depth:
-            batch = pids[position: position + serving.rerank_batch]
-            batch = batch[: depth - position]
-            estimate = (self._ms_per_pair or 0.0) * len(batch) / 1000.0
-            if time.perf_counter() + estimate > deadline:
-                cut = True
-                break
+            wanted = min(serving.rerank_batch, depth - position)
+            remaining_ms = (deadline - time.perf_counter()) * 1000.0
+            size = self.cost.affordable(remaining_ms, wanted)
+            if size < wanted:
+                cut = True  # rerank the best candidates that fit, then stop
+                if size == 0:
+                    if not reranked and remaining_ms > 0:
+                        self.cost.relax()
+                    break
+            batch = pids[position: position + size]
             batch_start = time.perf_counter()
             batch_scores = self.reranker.score(query, [texts[p] for p in batch])
-            self._observe((time.perf_counter() - batch_start) * 1000.0 / len(batch))
+            self.cost.observe((time.perf_counter() - batch_start) * 1000.0 / len(batch))
             reranked.extend(zip(batch, map(float, batch_scores)))
             position += len(batch)
+            if cut:
+                break
         t = _lap(timings, "rerank", t)
 
         reranked = rerank_order([p for p, _ in reranked], [sc for _, sc in reranked], serving.fusion_k,
@@ -188,12 +194,6 @@ class Retriever:
         results = [Result(p, texts.get(p, ""), s) for p, s in ranked]
         timings["total"] = (time.perf_counter() - start) * 1000.0
         return SearchResponse(results, timings, len(reranked), depth, cut)
-
-    def _observe(self, ms_per_pair: float) -> None:
-        with self._stats_lock:
-            previous = self._ms_per_pair
-            # the slower of the new sample and a decayed average: under load the estimate must rise fast
-            self._ms_per_pair = ms_per_pair if previous is None else max(ms_per_pair, 0.8 * previous + 0.2 * ms_per_pair)
 
     def describe(self) -> dict:
         return {"run_dir": str(self.run_dir), "serving": asdict(self.serving), "corpus": self.record.corpus}

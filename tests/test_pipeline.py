@@ -23,6 +23,7 @@ from crossencoder.export import ExportConfig, export_variants
 from crossencoder.model import CrossEncoder, CrossEncoderConfig
 from crossencoder.runtime import OnnxReranker
 from pipeline import Result, Retriever
+from pipeline.budget import PairCost
 from pipeline.config import RunRecord, ServingConfig
 from pipeline.fusion import reciprocal_rank_fusion, rerank_order
 
@@ -117,6 +118,36 @@ def test_deadline_reranks_fewer_and_still_answers(tiny_run):
     assert response.cut_by_deadline and response.reranked == 0 and len(response.results) == 4
     first_stage = tight.search_detailed("goldfish", 4, depth=0).results
     assert [r.document_id for r in response.results] == [r.document_id for r in first_stage]
+
+
+def test_pair_cost_rises_fast_falls_slower_and_fits_what_it_can():
+    cost = PairCost()
+    assert cost.affordable(900.0, 10) == 10 and cost.affordable(0.0, 10) == 0  # unmeasured: all; no time: none
+    for _ in range(5):
+        cost.observe(30.0)
+    assert cost.ms_per_pair == pytest.approx(30.0)
+    cost.observe(110.0)  # one slow batch (the build's benchmark saw 1.1 s for 10 pairs): half way up
+    assert cost.ms_per_pair == pytest.approx(70.0) and cost.affordable(860.0, 10) == 10
+    cost.observe(40.0)  # 0.3 of the way back down
+    assert cost.ms_per_pair == pytest.approx(61.0)
+    assert cost.affordable(250.0, 10) == 4  # the best 4 fit, not none
+    for _ in range(4):  # sustained 4x load is felt within a few batches
+        cost.observe(240.0)
+    assert cost.ms_per_pair > 200.0 and cost.affordable(860.0, 10) == 3
+    cost.relax()
+    assert cost.ms_per_pair == pytest.approx(0.9 * 228.8125)
+
+
+def test_one_slow_batch_does_not_stop_reranking_for_later_searches(tiny_run):
+    """Regression: the old estimate kept the slowest sample, so one slow batch above the budget stopped every
+    later search from reranking and, measuring nothing, it never came down."""
+    retriever = Retriever(tiny_run, latency_budget_ms=1000.0)
+    retriever.cost.observe(50_000.0)  # as if one batch had been absurdly slow
+    responses = [retriever.search_detailed("goldfish", 4) for _ in range(60)]
+    assert responses[0].cut_by_deadline and responses[0].reranked == 0
+    recovered = [i for i, r in enumerate(responses) if r.reranked == r.depth > 0 and not r.cut_by_deadline]
+    assert recovered and recovered[0] < 60
+    assert all(r.reranked == r.depth and not r.cut_by_deadline for r in responses[recovered[0] + 5:])
 
 
 @pytest.mark.parametrize("query,k,error", [("", 5, ValueError), ("   \t", 5, ValueError), (None, 5, TypeError),
