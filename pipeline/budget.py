@@ -41,7 +41,7 @@ class PairCost:
             return 0
         with self._lock:
             ms = self._ms
-        if not ms or ms <= 0:
+        if ms is None or ms <= 0:
             return wanted
         fit = remaining_ms / ms  # inf with no deadline (the sweep measures the full cost)
         return wanted if fit >= wanted else max(0, int(fit))

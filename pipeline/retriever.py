@@ -166,12 +166,12 @@ class Retriever:
             wanted = min(serving.rerank_batch, depth - position)
             remaining_ms = (deadline - time.perf_counter()) * 1000.0
             size = self.cost.affordable(remaining_ms, wanted)
-            if size < wanted:
-                cut = True  # rerank the best candidates that fit, then stop
-                if size == 0:
-                    if not reranked and remaining_ms > 0:
-                        self.cost.relax()
-                    break
+            if size == 0:
+                cut = True
+                if not reranked and remaining_ms > 0:
+                    self.cost.relax()
+                break
+            cut = size < wanted  # rerank the best candidates that fit, then stop
             batch = pids[position: position + size]
             batch_start = time.perf_counter()
             batch_scores = self.reranker.score(query, [texts[p] for p in batch])
