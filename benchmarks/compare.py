@@ -119,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            for m in TESTED}
     load_rows = []
     if args.concurrency and "pipeline" in searchers:
-        texts = [text for _, text in select_queries(dataset, args.load_queries, bench.seed)]
-        load_rows = [load_test(searchers["pipeline"], texts, c) for c in args.concurrency]
+        queries = select_queries(dataset, args.load_queries, bench.seed)
+        load_rows = [load_test(searchers["pipeline"], queries, c, qrels=dataset.qrels,
+                               min_relevance=bench.min_relevance) for c in args.concurrency]
 
     out = Path(args.out or run_dir / "benchmarks" / f"compare-{args.split}")
     out.mkdir(parents=True, exist_ok=True)

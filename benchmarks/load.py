@@ -3,7 +3,9 @@
     python -m benchmarks.load --config configs/mini.yaml --split dev --concurrency 1 2 4 --queries 100
 
 N threads share one `Retriever()` (as a web server's workers would) and each calls `search` for its
-share of a fixed query list; latency is measured per call, wall time over the whole batch.
+share of a fixed query list; latency is measured per call, wall time over the whole batch. Recall@1 is
+measured too: under load the deadline makes the pipeline rerank fewer candidates, so it trades quality
+for latency, and the table shows how much.
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset
+from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig, RunConfig
 from irbase.search import Searcher
 
@@ -23,33 +26,44 @@ from benchmarks.harness import latency_summary, select_queries
 from pipeline.retriever import Retriever
 
 
-def load_test(searcher: Searcher, queries: Sequence[str], concurrency: int, k: int = 10) -> dict:
+def load_test(searcher: Searcher, queries: Sequence[tuple[str, str]], concurrency: int, k: int = 10,
+              qrels: Mapping[str, Mapping[str, int]] | None = None, min_relevance: int = 1) -> dict:
+    """`queries` are (qid, text); with `qrels`, recall@1 of the answers given under this load."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     latencies: list[float] = []
+    ranked: dict[str, list[str]] = {}
     lock = threading.Lock()
 
-    def one(query: str) -> None:
+    def one(query: tuple[str, str]) -> None:
+        qid, text = query
         start = time.perf_counter()
-        searcher.search(query, k)
+        results = searcher.search(text, k)
         elapsed = (time.perf_counter() - start) * 1000.0
         with lock:
             latencies.append(elapsed)
+            ranked[qid] = [r.document_id for r in results]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(pool.map(one, queries))
     wall = time.perf_counter() - start
-    return {"concurrency": concurrency, "queries": len(queries), "wall_s": wall,
-            "queries_per_s": len(queries) / wall, "latency_ms": latency_summary(latencies)}
+    row = {"concurrency": concurrency, "queries": len(queries), "wall_s": wall,
+           "queries_per_s": len(queries) / wall, "latency_ms": latency_summary(latencies)}
+    if qrels is not None:
+        judged = {qid: qrels[qid] for qid in ranked if qid in qrels}
+        row["recall@1"] = evaluate(ranked, judged, min_relevance=min_relevance, recall_ks=(1,)).means["recall@1"]
+    return row
 
 
 def load_table(rows: list[dict]) -> str:
-    lines = ["| clients | queries | queries/s | p50 ms | p95 ms | p99 ms |", "|---:|---:|---:|---:|---:|---:|"]
+    with_recall = all("recall@1" in r for r in rows)
+    lines = ["| clients | queries | queries/s | p50 ms | p95 ms | p99 ms |" + (" recall@1 |" if with_recall else ""),
+             "|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_recall else "")]
     for r in rows:
         lat = r["latency_ms"]
         lines.append(f"| {r['concurrency']} | {r['queries']} | {r['queries_per_s']:.2f} | {lat['p50']:.0f} | "
-                     f"{lat['p95']:.0f} | {lat['p99']:.0f} |")
+                     f"{lat['p95']:.0f} | {lat['p99']:.0f} |" + (f" {r['recall@1']:.3f} |" if with_recall else ""))
     return "\n".join(lines)
 
 
@@ -65,10 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = load_section(args.config, "run", RunConfig, args.overrides)
     data = load_section(args.config, "data", DataConfig, args.overrides)
     dataset = Dataset.from_dir(data.root, args.split or data.dev_split)
-    queries = [text for _, text in select_queries(dataset, args.queries, run.seed)]
+    queries = select_queries(dataset, args.queries, run.seed)
+    qrels = dataset.qrels if dataset.qrels_path is not None else None
     retriever = Retriever(run.dir)
     retriever.warmup()
-    rows = [load_test(retriever, queries, c, args.k) for c in args.concurrency]
+    rows = [load_test(retriever, queries, c, args.k, qrels) for c in args.concurrency]
     print(load_table(rows))
     return 0
 

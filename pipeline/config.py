@@ -22,7 +22,7 @@ class ServingConfig:
     biencoder: str = "biencoder-r2"   # stage (subdirectory of the run) whose model encodes queries and corpus
     crossencoder: str = "crossencoder"
     variant: str = "int8"             # ONNX variant: fp32 | int8 | fp16 (GPU)
-    candidates: int = 100             # first-stage depth N
+    candidates: int = 100             # first-stage depth N (widened to the rerank depth when that is larger)
     first_stage: str = "hybrid"       # dense: HNSW only; hybrid: HNSW and BM25 fused by reciprocal rank
     fusion_k: int = 10                # RRF constant (tuned on dev-large: 10 beats 60 at the top ranks)
     dense_weight: float = 0.9         # the bi-encoder's weight in the fusion, BM25's is 1: ties go to BM25

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from biencoder.encode import EncodeConfig, encode_collection
 from biencoder.index import KIND as INDEX_KIND, DenseIndex, IndexConfig
 from biencoder.model import BiEncoder
 from crossencoder.runtime import OnnxReranker
-from pipeline.budget import PairCost
+from pipeline.budget import DeadlineLock, PairCost
 from pipeline.config import BUILD_HINT, RunRecord, ServingConfig, default_run_dir
 from pipeline.fusion import reciprocal_rank_fusion, rerank_order
 from pipeline.store import PassageStore
@@ -68,7 +67,10 @@ class Retriever:
         self.store: PassageStore | None = None
         if self.record.corpus:
             self._load_corpus()
-        self._encode_lock = threading.Lock()  # one torch forward at a time: it already uses every core
+        # One model forward at a time (query encoding or a rerank batch), earliest deadline first: each
+        # already uses every core. A rerank batch is priced once its turn comes, so time spent queueing
+        # behind other searches is seen by the deadline.
+        self._compute = DeadlineLock()
         self.cost = PairCost()  # decides how many candidates fit before each search's deadline
 
     def _load_reranker(self, variant: str) -> OnnxReranker:
@@ -140,13 +142,14 @@ class Retriever:
         if depth > 0 and self.reranker is None:
             self.reranker = self._load_reranker(serving.variant)
         start = time.perf_counter()
-        deadline = start + (serving.latency_budget_ms - serving.safety_ms) / 1000.0
+        usable_ms = serving.latency_budget_ms - serving.safety_ms
+        deadline = start + usable_ms / 1000.0
         timings: dict[str, float] = {}
 
-        with self._encode_lock:
+        with self._compute.turn(deadline):
             vector = self.model.encode([query], "query", bf16=serving.query_bf16)
         t = _lap(timings, "encode", start)
-        wanted = max(k, serving.candidates)
+        wanted = max(k, serving.candidates, depth)  # a depth beyond N widens the first stage: rerank what was asked
         scores, pids = self.index.search(vector, wanted)
         scores, pids = list(scores[0]), list(pids[0])
         t = _lap(timings, "ann", t)
@@ -164,18 +167,19 @@ class Retriever:
         position = 0
         while position < depth:
             wanted = min(serving.rerank_batch, depth - position)
-            remaining_ms = (deadline - time.perf_counter()) * 1000.0
-            size = self.cost.affordable(remaining_ms, wanted)
-            if size == 0:
-                cut = True
-                if not reranked and remaining_ms > 0:
-                    self.cost.relax()
-                break
-            cut = size < wanted  # rerank the best candidates that fit, then stop
-            batch = pids[position: position + size]
-            batch_start = time.perf_counter()
-            batch_scores = self.reranker.score(query, [texts[p] for p in batch])
-            self.cost.observe((time.perf_counter() - batch_start) * 1000.0 / len(batch))
+            with self._compute.turn(deadline):
+                remaining_ms = (deadline - time.perf_counter()) * 1000.0
+                size = self.cost.affordable(remaining_ms, wanted)
+                if size == 0:
+                    cut = True
+                    if not reranked and remaining_ms > usable_ms / 2:  # not queueing: the estimate is to blame
+                        self.cost.relax()
+                    break
+                cut = size < wanted  # rerank the best candidates that fit, then stop
+                batch = pids[position: position + size]
+                batch_start = time.perf_counter()
+                batch_scores = self.reranker.score(query, [texts[p] for p in batch])
+                self.cost.observe((time.perf_counter() - batch_start) * 1000.0 / len(batch))
             reranked.extend(zip(batch, map(float, batch_scores)))
             position += len(batch)
             if cut:

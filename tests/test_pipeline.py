@@ -5,6 +5,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +25,7 @@ from crossencoder.export import ExportConfig, export_variants
 from crossencoder.model import CrossEncoder, CrossEncoderConfig
 from crossencoder.runtime import OnnxReranker
 from pipeline import Result, Retriever
-from pipeline.budget import PairCost
+from pipeline.budget import DeadlineLock, PairCost
 from pipeline.config import RunRecord, ServingConfig
 from pipeline.fusion import reciprocal_rank_fusion, rerank_order
 
@@ -112,6 +114,13 @@ def test_k_beyond_corpus_returns_every_passage(retriever):
     assert sorted(r.document_id for r in results) == sorted(PASSAGES)
 
 
+def test_depth_beyond_the_first_stage_candidates_widens_it(retriever):
+    """Regression: the sweep's depth 200 reranked only the first stage's 100 candidates."""
+    assert retriever.serving.candidates == 5 and len(PASSAGES) == 6
+    response = retriever.search_detailed("goldfish", 3, depth=6)
+    assert response.depth == response.reranked == 6 and len(response.results) == 3
+
+
 def test_deadline_reranks_fewer_and_still_answers(tiny_run):
     tight = Retriever(tiny_run, latency_budget_ms=1.0)  # the safety margin alone exceeds it
     response = tight.search_detailed("goldfish", 4)
@@ -148,6 +157,61 @@ def test_one_slow_batch_does_not_stop_reranking_for_later_searches(tiny_run):
     recovered = [i for i, r in enumerate(responses) if r.reranked == r.depth > 0 and not r.cut_by_deadline]
     assert recovered and recovered[0] < 60
     assert all(r.reranked == r.depth and not r.cut_by_deadline for r in responses[recovered[0] + 5:])
+
+
+def test_deadline_lock_serves_the_earliest_deadline_first():
+    lock, order = DeadlineLock(), []
+
+    def wait_turn(deadline: float) -> None:
+        with lock.turn(deadline):
+            order.append(deadline)
+
+    lock.acquire(0.0)
+    threads = []
+    for deadline in (3.0, 1.0, 2.0, 1.0):
+        threads.append(threading.Thread(target=wait_turn, args=(deadline,)))
+        threads[-1].start()
+        while lock.waiting < len(threads):
+            time.sleep(0.001)
+    lock.release()
+    for thread in threads:
+        thread.join(5)
+    assert order == [1.0, 1.0, 2.0, 3.0] and lock.waiting == 0
+    with pytest.raises(RuntimeError):
+        lock.release()
+
+
+class _SharedCores:
+    """A reranker whose overlapping batches slow each other down, as runs sharing the cores do."""
+
+    def __init__(self, ms_per_pair: float):
+        self.ms_per_pair, self.in_flight, self.most, self.pairs = ms_per_pair, 0, 0, 0
+        self.lock = threading.Lock()
+
+    def score(self, query, passages):
+        with self.lock:
+            self.in_flight += 1
+            self.most, load = max(self.most, self.in_flight), self.in_flight
+            self.pairs += len(passages)
+        time.sleep(self.ms_per_pair * load * len(passages) / 1000.0)
+        with self.lock:
+            self.in_flight -= 1
+        return np.arange(len(passages), dtype=np.float32)
+
+
+def test_concurrent_searches_take_turns_and_keep_the_deadline(tiny_run):
+    """Regression: under 4 clients p95 was 1263 ms for a 1000 ms budget. Batches ran at once on shared cores
+    and were priced before the wait; now they take turns and each is priced when its turn comes."""
+    retriever = Retriever(tiny_run, latency_budget_ms=400.0, depth=5)
+    retriever.reranker = _SharedCores(ms_per_pair=25.0)  # alone: 125 ms to rerank one search's 5 candidates
+    retriever.search("goldfish", 5)
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda q: retriever.search_detailed(q, 5), list(QUERIES.values()) * 4))
+    assert retriever.reranker.most == 1  # never two batches at once
+    totals = sorted(r.timings_ms["total"] for r in responses)
+    assert totals[-2] < 400.0 + 150.0, totals  # the 300 ms deadline plus at most about one batch of overrun
+    assert any(r.cut_by_deadline for r in responses)  # 6 x 125 ms of wanted work cannot all fit in 300 ms
+    assert any(r.reranked == r.depth == 5 for r in responses)
 
 
 @pytest.mark.parametrize("query,k,error", [("", 5, ValueError), ("   \t", 5, ValueError), (None, 5, TypeError),
@@ -290,6 +354,7 @@ def test_compare_report_with_intervals_paired_tests_and_load(tmp_path, tiny_run)
     test = results["paired_tests_vs_pipeline"]["bm25"]["recall@1"]
     assert test["queries"] == 4 and 0 < test["p_value"] <= 1
     assert [row["concurrency"] for row in results["load"]] == [1, 2] and results["load"][0]["queries"] == 4
+    assert all(0.0 <= row["recall@1"] <= 1.0 for row in results["load"])
     report = (out_dir / "report.md").read_text()
     assert "| pipeline |" in report and "not built: make untrained" in report and "| 2 | 4 |" in report
     assert (out_dir / "compare.png").stat().st_size > 1000

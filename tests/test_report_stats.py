@@ -69,14 +69,17 @@ class _Sleepy:
 
 def test_load_test_counts_every_call_and_runs_clients_concurrently():
     one_client, four_clients = _Sleepy(), _Sleepy()
-    one = load_test(one_client, ["q"] * 12, 1)
-    four = load_test(four_clients, ["q"] * 12, 4)
+    queries = [(f"q{i}", "text") for i in range(12)]
+    qrels = {f"q{i}": {"p": 1} for i in range(9)} | {f"q{i}": {"other": 1} for i in range(9, 12)}
+    one = load_test(one_client, queries, 1, qrels=qrels)
+    four = load_test(four_clients, queries, 4)
+    assert one["recall@1"] == pytest.approx(9 / 12) and "recall@1" not in four  # every answer ranks "p" first
     assert one_client.calls == four_clients.calls == 12 and one["latency_ms"]["n"] == four["latency_ms"]["n"] == 12
     assert one["latency_ms"]["p50"] >= 49.0
     assert one_client.most == 1 and four_clients.most > 1   # sleeping releases the GIL: real overlap
     assert four["queries_per_s"] > one["queries_per_s"]
     with pytest.raises(ValueError):
-        load_test(one_client, ["q"], 0)
+        load_test(one_client, [("q", "text")], 0)
 
 
 class _First:
