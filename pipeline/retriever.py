@@ -170,12 +170,11 @@ class Retriever:
             with self._compute.turn(deadline):
                 remaining_ms = (deadline - time.perf_counter()) * 1000.0
                 size = self.cost.affordable(remaining_ms, wanted)
+                cut = size < wanted  # rerank the best candidates that fit, then stop
                 if size == 0:
-                    cut = True
                     if not reranked and remaining_ms > usable_ms / 2:  # not queueing: the estimate is to blame
                         self.cost.relax()
                     break
-                cut = size < wanted  # rerank the best candidates that fit, then stop
                 batch = pids[position: position + size]
                 batch_start = time.perf_counter()
                 batch_scores = self.reranker.score(query, [texts[p] for p in batch])

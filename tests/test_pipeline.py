@@ -185,14 +185,13 @@ class _SharedCores:
     """A reranker whose overlapping batches slow each other down, as runs sharing the cores do."""
 
     def __init__(self, ms_per_pair: float):
-        self.ms_per_pair, self.in_flight, self.most, self.pairs = ms_per_pair, 0, 0, 0
+        self.ms_per_pair, self.in_flight, self.most = ms_per_pair, 0, 0
         self.lock = threading.Lock()
 
     def score(self, query, passages):
         with self.lock:
             self.in_flight += 1
             self.most, load = max(self.most, self.in_flight), self.in_flight
-            self.pairs += len(passages)
         time.sleep(self.ms_per_pair * load * len(passages) / 1000.0)
         with self.lock:
             self.in_flight -= 1
