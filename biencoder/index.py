@@ -91,6 +91,19 @@ class DenseIndex:
         return ([s[m] for s, m in zip(scores, keep)],
                 [[str(self.pids[r]) for r in row[m]] for row, m in zip(rows, keep)])
 
+    def score_ids(self, query: np.ndarray, pids: Sequence[str]) -> np.ndarray:
+        """Inner products of one query vector with these passages' stored vectors (decoded, under SQ8):
+        score fusion needs a score for candidates only BM25 found."""
+        if not hasattr(self, "_row_of"):
+            self._row_of = {str(p): i for i, p in enumerate(self.pids)}
+        unknown = [p for p in pids if p not in self._row_of]
+        if unknown:
+            raise KeyError(f"{len(unknown)} passage ids are not in this index (first: {unknown[0]})")
+        if not len(pids):
+            return np.zeros(0, dtype=np.float32)
+        vectors = np.stack([self.index.reconstruct(self._row_of[p]) for p in pids])
+        return vectors @ np.asarray(query, np.float32).reshape(-1)
+
     def save(self, path: str | Path, inputs: dict[str, str]) -> None:
         with atomic_dir(path) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))

@@ -105,6 +105,24 @@ class BM25Index:
         return [[(str(self.pids[d]), float(s)) for d, s in zip(row_d, row_s) if s > 0]
                 for row_d, row_s in zip(docs, scores)]
 
+    def score_ids(self, query: str, pids: Sequence[str]) -> np.ndarray:
+        """BM25 scores of these passages for the query (0 where no term matches): score fusion needs a
+        score for candidates only the bi-encoder found."""
+        tokens = self._tokenize([query])[0]
+        if not tokens or not len(pids):
+            return np.zeros(len(pids), dtype=np.float32)
+        rows = self._rows()
+        unknown = [p for p in pids if p not in rows]
+        if unknown:
+            raise KeyError(f"{len(unknown)} passage ids are not in this BM25 index (first: {unknown[0]})")
+        scores = self.retriever.get_scores(tokens)
+        return np.asarray([scores[rows[p]] for p in pids], dtype=np.float32)
+
+    def _rows(self) -> dict[str, int]:
+        if not hasattr(self, "_row_of"):
+            self._row_of = {str(p): i for i, p in enumerate(self.pids)}
+        return self._row_of
+
     def search(self, query: str, k: int) -> list[Result]:
         check_query(query, k)
         k = min(k, len(self.pids))

@@ -3,8 +3,9 @@
     python -m pipeline.build --config configs/mini.yaml [--only STAGE ...] [--force STAGE ...] [key=value ...]
 
 [slice (when the config has a `slice` section: configs/smoke.yaml),] base-lm, bm25-negatives, biencoder
-(round 1), mine, biencoder-r2, crossencoder, export, corpus (encoding, HNSW index, passage store), sweep
-(rerank depth and variant against p95, written into the run), benchmark (`Retriever()` on dev). A stage whose recorded key
+(round 1), mine, biencoder-r2, crossencoder, export, corpus (encoding, HNSW index, passage store), fusion
+(score-fusion weights fitted on dev-large, written into the run), sweep (rerank depth and variant against
+p95, written into the run), benchmark (`Retriever()` on dev). A stage whose recorded key
 (its command, the config sections it reads, and the keys of the stages before it) is unchanged and whose
 outputs exist is skipped; an interrupted stage is simply run again and resumes (training from its last
 checkpoint, encoding from its last finished shard). Stage records live in <run.dir>/stages/.
@@ -37,6 +38,8 @@ class BuildConfig:
         "biencoder.name=biencoder-r2", "biencoder.init_from={run_dir}/biencoder/model",
         'biencoder.negatives.files=["{run_dir}/negatives.biencoder.tsv","{data_root}/negatives.train.tsv"]'])
     benchmark_split: str = "dev"
+    fusion: list[str] = field(default_factory=lambda: [      # arguments of python -m benchmarks.fusion
+        "--split", "dev-large", "--sample", "1000"])
     sweep: list[str] = field(default_factory=lambda: [       # arguments of python -m benchmarks.sweep
         "--sample", "100", "--depths", "0", "5", "10", "20", "30", "50", "--variants", "int8", "fp32"])
 
@@ -84,11 +87,17 @@ class Builder:
             Stage("export", ["data", "export"], [f"{ce_name}/onnx"], cli("crossencoder.export")),
             Stage("corpus", ["data", "encode", "index", "bm25", "pipeline"], ["pipeline.json", "corpus/index",
                                                                      "corpus/passages.sqlite"], action=self._corpus),
+            Stage("fusion", ["data", "build.fusion", "pipeline"], [f"benchmarks/fusion-{self._fusion_split()}"],
+                  cli("benchmarks.fusion", *self.build.fusion)),
             Stage("sweep", ["data", "build.sweep", "pipeline"], [f"benchmarks/sweep-{self.build.benchmark_split}"],
                   cli("benchmarks.sweep", "--split", self.build.benchmark_split, *self.build.sweep)),
             Stage("benchmark", ["data", "benchmark", "pipeline"], [f"benchmarks/pipeline-{self.build.benchmark_split}"],
                   cli("benchmarks.run", "--system", "pipeline", "--split", self.build.benchmark_split)),
         ]
+
+    def _fusion_split(self) -> str:
+        args = self.build.fusion
+        return args[args.index("--split") + 1] if "--split" in args[:-1] else "dev-large"
 
     def _section(self, dotted: str):
         node = self.raw
@@ -130,8 +139,13 @@ class Builder:
             index=asdict(load_section(self.config_path, "index", IndexConfig, self.overrides)),
             bm25=asdict(load_section(self.config_path, "bm25", BM25Config, self.overrides)),
             sweep=previous.sweep if previous else None)
-        if previous and previous.sweep and previous.fingerprints == record.fingerprints:
+        same_models = previous is not None and previous.fingerprints == record.fingerprints
+        if same_models and previous.sweep:
             record.serving.depth, record.serving.variant = previous.serving.depth, previous.serving.variant
+        if same_models and previous.fusion_fit:  # the fusion stage refits them after this one
+            for key in ("first_stage", "fusion", "bm25_weight", "rerank_weight"):
+                setattr(record.serving, key, getattr(previous.serving, key))
+            record.fusion_fit = previous.fusion_fit
         record.save(self.run_dir)
         dev = Dataset.from_dir(self.data.root, self.data.dev_split)
         retriever = Retriever(self.run_dir, depth=0)

@@ -1,5 +1,6 @@
-"""What a built run serves with, kept in <run>/pipeline.json: written by `pipeline.build`, its depth
-and variant rewritten by `benchmarks.sweep`, read by `Retriever()`."""
+"""What a built run serves with, kept in <run>/pipeline.json: written by `pipeline.build`, its fusion
+weights rewritten by `benchmarks.fusion` and its depth and variant by `benchmarks.sweep`, read by
+`Retriever()`."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ RUN_FILE = "pipeline.json"
 RUN_ENV = "MSMARCO_RERANK_RUN"
 BUILD_HINT = "python -m pipeline.build --config configs/mini.yaml"
 FIRST_STAGES = ("dense", "hybrid")
+FUSIONS = ("rrf", "score")
 
 
 @dataclass
@@ -23,13 +25,17 @@ class ServingConfig:
     crossencoder: str = "crossencoder"
     variant: str = "int8"             # ONNX variant: fp32 | int8 | fp16 (GPU)
     candidates: int = 100             # first-stage depth N (widened to the rerank depth when that is larger)
-    first_stage: str = "hybrid"       # dense: HNSW only; hybrid: HNSW and BM25 fused by reciprocal rank
-    fusion_k: int = 10                # RRF constant (tuned on dev-large: 10 beats 60 at the top ranks)
-    dense_weight: float = 0.9         # the bi-encoder's weight in the fusion, BM25's is 1: ties go to BM25
+    first_stage: str = "hybrid"       # dense: HNSW only; hybrid: HNSW and BM25 fused (see fusion)
+    fusion: str = "rrf"               # rrf: by reciprocal rank; score: by weighted scores (benchmarks.fusion)
+    fusion_k: int = 10                # rrf: the constant (tuned on dev-large: 10 beats 60 at the top ranks)
+    dense_weight: float = 0.9         # rrf: the bi-encoder's weight, BM25's is 1: ties go to BM25
+    bm25_weight: float = 0.05         # score: dense inner product + bm25_weight x BM25 score
     depth: int = 20                   # candidates reranked (chosen by benchmarks.sweep)
     latency_budget_ms: float = 1000.0
     safety_ms: float = 100.0          # kept free for what follows the last rerank batch
-    rerank_weight: float | None = 0.5  # reranker rank fused with first-stage rank (null: reranker order alone)
+    # How much the reranker counts against the first stage. rrf: the weight of its rank; score: of its
+    # per-query z-scored score added to the first-stage score. null: the reranker's order alone.
+    rerank_weight: float | None = 0.5
     rerank_batch: int = 10            # pairs per onnxruntime call; the deadline is checked between calls
     threads: int | None = None        # torch and onnxruntime threads (None: all cores)
     query_bf16: bool = True
@@ -37,6 +43,8 @@ class ServingConfig:
     def __post_init__(self) -> None:
         if self.first_stage not in FIRST_STAGES:
             raise ValueError(f"pipeline.first_stage {self.first_stage!r}: expected one of {', '.join(FIRST_STAGES)}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"pipeline.fusion {self.fusion!r}: expected one of {', '.join(FUSIONS)}")
 
 
 @dataclass
@@ -48,6 +56,7 @@ class RunRecord:
     bm25: dict[str, Any] = field(default_factory=dict)           # BM25Config of the hybrid first stage
     corpus: dict[str, Any] | None = None                         # {"collection": fingerprint, "path": ...}
     sweep: dict[str, Any] | None = None                          # the choice benchmarks.sweep made and why
+    fusion_fit: dict[str, Any] | None = None                     # the weights benchmarks.fusion fitted and why
 
     def save(self, run_dir: str | Path) -> None:
         atomic_write_json(Path(run_dir) / RUN_FILE, asdict(self))

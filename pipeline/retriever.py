@@ -23,7 +23,7 @@ from biencoder.model import BiEncoder
 from crossencoder.runtime import OnnxReranker
 from pipeline.budget import DeadlineLock, PairCost
 from pipeline.config import BUILD_HINT, RunRecord, ServingConfig, default_run_dir
-from pipeline.fusion import reciprocal_rank_fusion, rerank_order
+from pipeline.fusion import linear_fusion, reciprocal_rank_fusion, rerank_by_score, rerank_order
 from pipeline.store import PassageStore
 
 CORPUS_DIR = "corpus"
@@ -150,14 +150,8 @@ class Retriever:
             vector = self.model.encode([query], "query", bf16=serving.query_bf16)
         t = _lap(timings, "encode", start)
         wanted = max(k, serving.candidates, depth)  # a depth beyond N widens the first stage: rerank what was asked
-        scores, pids = self.index.search(vector, wanted)
-        scores, pids = list(scores[0]), list(pids[0])
-        t = _lap(timings, "ann", t)
-        if self.bm25 is not None:
-            lexical = [pid for pid, _ in self.bm25.search_ids([query], wanted)[0]]
-            fused = reciprocal_rank_fusion([lexical, pids], serving.fusion_k, [1.0, serving.dense_weight])[:wanted]
-            pids, scores = [p for p, _ in fused], [s for _, s in fused]
-            t = _lap(timings, "bm25", t)
+        pids, scores = self._first_stage(query, vector, wanted, timings)
+        t = time.perf_counter()
         depth = min(depth, len(pids))
         texts = self.store.get_many(pids[: max(depth, k)])
         t = _lap(timings, "fetch", t)
@@ -185,8 +179,11 @@ class Retriever:
                 break
         t = _lap(timings, "rerank", t)
 
-        reranked = rerank_order([p for p, _ in reranked], [sc for _, sc in reranked], serving.fusion_k,
-                                serving.rerank_weight)
+        head = [p for p, _ in reranked]
+        if serving.fusion == "score":
+            reranked = rerank_by_score(head, scores[: len(head)], [sc for _, sc in reranked], serving.rerank_weight)
+        else:
+            reranked = rerank_order(head, [sc for _, sc in reranked], serving.fusion_k, serving.rerank_weight)
         floor = min((s for _, s in reranked), default=0.0)
         tail = [(p, floor - 1.0 - i * 1e-3 if reranked else float(s))
                 for i, (p, s) in enumerate(zip(pids[position:], scores[position:]))]
@@ -197,6 +194,37 @@ class Retriever:
         results = [Result(p, texts.get(p, ""), s) for p, s in ranked]
         timings["total"] = (time.perf_counter() - start) * 1000.0
         return SearchResponse(results, timings, len(reranked), depth, cut)
+
+    def _first_stage(self, query: str, vector, wanted: int, timings: dict[str, float]) -> tuple[list[str], list[float]]:
+        """The top `wanted` candidates and their first-stage scores."""
+        t = time.perf_counter()
+        scores, pids = self.index.search(vector, wanted)
+        scores, pids = [float(s) for s in scores[0]], list(pids[0])
+        t = _lap(timings, "ann", t)
+        if self.bm25 is None:
+            return pids, scores
+        lexical = self.bm25.search_ids([query], wanted)[0]
+        if self.serving.fusion == "rrf":
+            fused = reciprocal_rank_fusion([[p for p, _ in lexical], pids], self.serving.fusion_k,
+                                           [1.0, self.serving.dense_weight])[:wanted]
+        else:
+            union, dense, bm25 = self.hybrid_features(query, vector, pids, scores, lexical)
+            fused = linear_fusion(union, dense, bm25, self.serving.bm25_weight)[:wanted]
+        _lap(timings, "bm25", t)
+        return [p for p, _ in fused], [s for _, s in fused]
+
+    def hybrid_features(self, query: str, vector, pids: list[str], scores: list[float],
+                        lexical: list[tuple[str, float]]) -> tuple[list[str], list[float], list[float]]:
+        """The union of the dense and BM25 candidates, each with both scores: what score fusion weighs
+        (`benchmarks.fusion` fits the weight on these)."""
+        dense = dict(zip(pids, scores))
+        bm25 = dict(lexical)
+        union = list(dict.fromkeys([*pids, *bm25]))
+        only_bm25 = [p for p in union if p not in dense]
+        dense.update(zip(only_bm25, map(float, self.index.score_ids(vector[0], only_bm25))))
+        only_dense = [p for p in union if p not in bm25]
+        bm25.update(zip(only_dense, map(float, self.bm25.score_ids(query, only_dense))))
+        return union, [dense[p] for p in union], [bm25[p] for p in union]
 
     def describe(self) -> dict:
         return {"run_dir": str(self.run_dir), "serving": asdict(self.serving), "corpus": self.record.corpus}

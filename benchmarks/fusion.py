@@ -1,0 +1,154 @@
+"""Fit the score-fusion weights of a built run on a tuning split and write them into it.
+
+    python -m benchmarks.fusion --run runs/mini --split dev-large --sample 1000 [--depth 10] [--no-write]
+
+Two grid searches, each keeping the best recall@1 (MRR@10 breaks ties), on the same queries:
+1. `bm25_weight`: the hybrid first stage alone, dense inner product + w x BM25 score over the union of
+   both models' top N (N = pipeline.candidates); rank fusion (rrf) over the same candidates is printed
+   beside it as the baseline.
+2. `rerank_weight`: that first stage's top `depth` scored by the served ONNX reranker and reordered by
+   first-stage score + w x the reranker's z-scored score (w 0: the first stage alone; none: the
+   reranker alone).
+The chosen weights and `fusion: score` are written into the run's pipeline.json (unless --no-write), so
+`Retriever()` serves them; benchmarks.sweep then picks the depth with them. Fit on a tuning split
+(dev-large), judge on dev. Writes fusion.json into --out (default <run>/benchmarks/fusion-<split>).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from irbase.artifacts import atomic_write_json, environment
+from irbase.config import add_config_args, load_section
+from irbase.dataset import add_dataset_args, dataset_from_args
+from irbase.metrics import evaluate
+from irbase.runconfig import DataConfig, RunConfig
+
+from benchmarks.harness import select_queries
+from pipeline.config import RunRecord
+from pipeline.fusion import linear_fusion, reciprocal_rank_fusion, rerank_by_score
+from pipeline.retriever import Retriever
+
+log = logging.getLogger(__name__)
+
+BM25_WEIGHTS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2)
+RERANK_WEIGHTS = (0.0, 0.02, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+
+def _means(run: dict[str, list[str]], qrels) -> dict[str, float]:
+    means = evaluate(run, {q: qrels[q] for q in run}).means
+    return {m: means[m] for m in ("recall@1", "mrr@10", "recall@100")}
+
+
+def _best(rows: list[dict]) -> dict:
+    return max(rows, key=lambda r: (r["recall@1"], r["mrr@10"]))
+
+
+def fit(retriever: Retriever, queries: list[tuple[str, str]], qrels, depth: int,
+        bm25_weights: Sequence[float] = BM25_WEIGHTS, rerank_weights: Sequence[float] = RERANK_WEIGHTS) -> dict:
+    """Both grid searches; returns every row and the two choices."""
+    if retriever.bm25 is None:
+        raise ValueError(f"{retriever.run_dir} serves a dense first stage: score fusion needs the hybrid one")
+    serving = retriever.serving
+    features = {}
+    for qid, text in tqdm(queries, desc="first-stage features", unit="q"):
+        vector = retriever.model.encode([text], "query", bf16=serving.query_bf16)
+        scores, pids = retriever.index.search(vector, serving.candidates)
+        lexical = retriever.bm25.search_ids([text], serving.candidates)[0]
+        union, dense, bm25 = retriever.hybrid_features(text, vector, list(pids[0]), [float(s) for s in scores[0]],
+                                                       lexical)
+        rrf = reciprocal_rank_fusion([[p for p, _ in lexical], list(pids[0])], serving.fusion_k,
+                                     [1.0, serving.dense_weight])
+        features[qid] = (union, dense, bm25, [p for p, _ in rrf])
+    rrf_row = {"fusion": "rrf", **_means({q: f[3] for q, f in features.items()}, qrels)}
+    first_rows = []
+    for w in bm25_weights:
+        run = {q: [p for p, _ in linear_fusion(u, d, b, w)] for q, (u, d, b, _) in features.items()}
+        first_rows.append({"bm25_weight": w, **_means(run, qrels)})
+    bm25_weight = _best(first_rows)["bm25_weight"]
+
+    first = {q: linear_fusion(u, d, b, bm25_weight) for q, (u, d, b, _) in features.items()}
+    rerank_rows = []
+    if depth > 0:
+        reranker = retriever.reranker
+        ce = {}
+        for qid, text in tqdm(queries, desc=f"reranking top {depth}", unit="q"):
+            head = [p for p, _ in first[qid][:depth]]
+            texts = retriever.store.get_many(head)
+            ce[qid] = [float(s) for s in reranker.score(text, [texts[p] for p in head])]
+        for w in [None, *rerank_weights]:
+            run = {}
+            for qid, ranked in first.items():
+                head, rest = ranked[:depth], ranked[depth:]
+                order = rerank_by_score([p for p, _ in head], [s for _, s in head], ce[qid], w)
+                run[qid] = [p for p, _ in order] + [p for p, _ in rest]
+            rerank_rows.append({"rerank_weight": w, **_means(run, qrels)})
+    rerank_weight = _best(rerank_rows)["rerank_weight"] if rerank_rows else serving.rerank_weight
+    return {"rrf": rrf_row, "first_stage": first_rows, "rerank": rerank_rows, "bm25_weight": bm25_weight,
+            "rerank_weight": rerank_weight}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fusion", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help="built run directory (default: run.dir of the config)")
+    parser.add_argument("--sample", type=int, default=1000, help="a fixed random subset of the judged queries")
+    parser.add_argument("--depth", type=int, help="candidates reranked while fitting (default: the run's depth)")
+    parser.add_argument("--bm25-weights", type=float, nargs="+", default=list(BM25_WEIGHTS))
+    parser.add_argument("--rerank-weights", type=float, nargs="+", default=list(RERANK_WEIGHTS))
+    parser.add_argument("--out", help="default: <run>/benchmarks/fusion-<split>")
+    parser.add_argument("--no-write", action="store_true", help="do not write the weights into the run")
+    add_config_args(parser)
+    add_dataset_args(parser, split="dev-large")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data = load_section(args.config, "data", DataConfig, args.overrides)
+    dataset = dataset_from_args(args, default_root=data.root)
+    run_dir = Path(args.run or load_section(args.config, "run", RunConfig, args.overrides).dir)
+    if args.depth is not None and args.depth < 0:
+        parser.error("--depth must be >= 0")
+    record = RunRecord.load(run_dir)
+    depth = record.serving.depth if args.depth is None else args.depth
+    retriever = Retriever(run_dir, depth=depth, first_stage="hybrid")
+    queries = select_queries(dataset, args.sample, seed=13)
+    result = fit(retriever, queries, dataset.qrels, depth, args.bm25_weights, args.rerank_weights)
+
+    print(f"\n{args.split}: {len(queries)} queries, first stage = union of dense and BM25 top "
+          f"{retriever.serving.candidates}")
+    print(f"rank fusion (k {retriever.serving.fusion_k}, dense weight {retriever.serving.dense_weight}): "
+          f"R@1 {result['rrf']['recall@1']:.4f}  MRR@10 {result['rrf']['mrr@10']:.4f}")
+    print("| bm25_weight | R@1 | MRR@10 | R@100 |\n|---:|---:|---:|---:|")
+    for r in result["first_stage"]:
+        mark = " <- chosen" if r["bm25_weight"] == result["bm25_weight"] else ""
+        print(f"| {r['bm25_weight']} | {r['recall@1']:.4f} | {r['mrr@10']:.4f} | {r['recall@100']:.4f} |{mark}")
+    if result["rerank"]:
+        print(f"\ntop {depth} reranked ({retriever.serving.variant}): first-stage score + w x z(reranker)")
+        print("| rerank_weight | R@1 | MRR@10 |\n|---:|---:|---:|")
+        for r in result["rerank"]:
+            mark = " <- chosen" if r["rerank_weight"] == result["rerank_weight"] else ""
+            print(f"| {'none (reranker alone)' if r['rerank_weight'] is None else r['rerank_weight']} | "
+                  f"{r['recall@1']:.4f} | {r['mrr@10']:.4f} |{mark}")
+    out = Path(args.out or run_dir / "benchmarks" / f"fusion-{args.split}")
+    out.mkdir(parents=True, exist_ok=True)
+    choice = {"fusion": "score", "bm25_weight": result["bm25_weight"], "rerank_weight": result["rerank_weight"],
+              "depth": depth, "variant": retriever.serving.variant, "split": args.split, "queries": len(queries)}
+    atomic_write_json(out / "fusion.json", {**result, "choice": choice, "dataset": dataset.describe(),
+                                            "environment": environment()})
+    if not args.no_write:
+        record.serving.first_stage, record.serving.fusion = "hybrid", "score"
+        record.serving.bm25_weight, record.serving.rerank_weight = result["bm25_weight"], result["rerank_weight"]
+        record.fusion_fit = choice
+        record.save(run_dir)
+    print(f"chosen: bm25_weight {choice['bm25_weight']}, rerank_weight {choice['rerank_weight']}"
+          + ("" if args.no_write else f", written to {run_dir / 'pipeline.json'}"))
+    print(f"wrote {out / 'fusion.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
