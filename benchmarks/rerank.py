@@ -8,9 +8,10 @@ scoring n candidates for one query.
 Backends: `torch` (the trained model, fp32), and the exported ONNX variants (`fp32`, `int8`, ...). First
 stages: `bm25` and `pipeline-dense` (the run's bi-encoder over its HNSW index), or any harness system
 (`pipeline-hybrid`). Every backend scores the same pairs; a pair shared by two first stages is scored once
-per backend. With --fusion-weights, the same scores also give the serving order (`pipeline.rerank_weight`:
-the reranker's ranking of the top d fused with the first stage's by reciprocal rank) for each weight and
-depth d, so the weight is tuned without scoring again. Writes rerank.json into --out.
+per backend. With --fusion-weights, the same scores also give the rank-fusion serving order
+(`pipeline.fusion: rrf`: the reranker's ranking of the top d fused with the first stage's by reciprocal
+rank) for each weight and depth d, so the weight is tuned without scoring again; score fusion's weights are
+fitted by benchmarks.fusion. Writes rerank.json into --out.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-queries", type=int, default=10,
                         help="queries timed per candidate count (0: no timing)")
     parser.add_argument("--fusion-weights", type=float, nargs="*", default=[],
-                        help="reranker weights of the rank fusion to evaluate (pipeline.rerank_weight)")
+                        help="reranker weights of the rank fusion to evaluate (pipeline.rerank_weight under fusion: rrf)")
     parser.add_argument("--fusion-depths", type=int, nargs="*", help="candidates fused (default: --depth)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all)")
     parser.add_argument("--out", help="default: <run.dir>/benchmarks/rerank-<split>")

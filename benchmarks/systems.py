@@ -12,7 +12,7 @@ from irbase.dataset import Dataset
 from irbase.runconfig import RunConfig, stage_dir
 from irbase.search import Result, Searcher
 
-from pipeline.fusion import rerank_order
+from pipeline.fusion import rerank_by_score, rerank_order
 
 
 def _bm25(config_path: str | None, overrides: list[str], dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
@@ -46,20 +46,20 @@ def _pipeline(config_path: str | None, overrides: list[str], dataset: Dataset,
 
 class RerankedSearcher:
     """A first stage whose top `depth` candidates the ONNX reranker reorders, the rest kept below in
-    first-stage order; no deadline, so the full cost is measured."""
+    first-stage order; no deadline, so the full cost is measured. `order(ids, first-stage scores, reranker
+    scores)` gives the reranked candidates' final order (pipeline.fusion)."""
 
-    def __init__(self, first: Searcher, reranker, candidates: int, depth: int, fusion_k: int = 10,
-                 rerank_weight: float | None = None):
-        self.first, self.reranker, self.candidates, self.depth = first, reranker, candidates, depth
-        self.fusion_k, self.rerank_weight = fusion_k, rerank_weight
+    def __init__(self, first: Searcher, reranker, candidates: int, depth: int,
+                 order: Callable[[list[str], list[float], list[float]], list[tuple[str, float]]]):
+        self.first, self.reranker, self.candidates, self.depth, self.order = first, reranker, candidates, depth, order
 
     def search(self, query: str, k: int) -> list[Result]:
         hits = self.first.search(query, max(k, self.candidates))
         head, tail = hits[: self.depth], hits[self.depth:]
-        scores = self.reranker.score(query, [h.document_text for h in head])
+        scores = [float(s) for s in self.reranker.score(query, [h.document_text for h in head])]
         texts = {h.document_id: h.document_text for h in head}
         ranked = [Result(pid, texts[pid], score) for pid, score in
-                  rerank_order([h.document_id for h in head], scores, self.fusion_k, self.rerank_weight)]
+                  self.order([h.document_id for h in head], [h.score for h in head], scores)]
         floor = min((r.score for r in ranked), default=0.0)
         ranked += [Result(h.document_id, h.document_text, floor - 1.0 - i) for i, h in enumerate(tail)]
         return ranked[:k]
@@ -67,8 +67,9 @@ class RerankedSearcher:
 
 def bm25_reranked(config_path: str | None, overrides: list[str], dataset: Dataset,
                    depth: int | None = None) -> tuple[Searcher, dict[str, Any]]:
-    """BM25 with the pipeline's reranker at the pipeline's depth (or `depth`), variant and fusion weight:
-    the pipeline with BM25 alone as its first stage."""
+    """BM25 with the pipeline's reranker at the pipeline's depth (or `depth`), variant and fusion: the
+    pipeline with BM25 alone as its first stage (under score fusion, its first-stage score without the
+    dense term: bm25_weight x BM25)."""
     from crossencoder.runtime import OnnxReranker
     from pipeline.config import RunRecord
 
@@ -78,10 +79,15 @@ def bm25_reranked(config_path: str | None, overrides: list[str], dataset: Datase
     reranker = OnnxReranker(Path(run.dir) / serving.crossencoder / "onnx" / serving.variant, threads=serving.threads,
                             batch_size=serving.rerank_batch)
     depth = serving.depth if depth is None else depth
-    return RerankedSearcher(bm25, reranker, serving.candidates, depth, serving.fusion_k,
-                            serving.rerank_weight), \
+    if serving.fusion == "score":
+        def order(ids, first, scores):
+            return rerank_by_score(ids, [serving.bm25_weight * f for f in first], scores, serving.rerank_weight)
+    else:
+        def order(ids, first, scores):
+            return rerank_order(ids, scores, serving.fusion_k, serving.rerank_weight)
+    return RerankedSearcher(bm25, reranker, serving.candidates, depth, order), \
         {**info, "reranker": serving.variant, "depth": depth, "candidates": serving.candidates,
-         "rerank_weight": serving.rerank_weight}
+         "fusion": serving.fusion, "rerank_weight": serving.rerank_weight}
 
 
 SYSTEMS: dict[str, Callable[[str | None, list[str], Dataset], tuple[Searcher, dict[str, Any]]]] = {
@@ -92,6 +98,7 @@ SYSTEMS: dict[str, Callable[[str | None, list[str], Dataset], tuple[Searcher, di
     # the built run's own first stages, without reranking (they need no other artifacts than the run)
     "pipeline-dense": lambda c, o, d: _pipeline(c, o, d, depth=0, first_stage="dense"),
     "pipeline-hybrid": lambda c, o, d: _pipeline(c, o, d, depth=0, first_stage="hybrid"),
+    "pipeline-hybrid-rrf": lambda c, o, d: _pipeline(c, o, d, depth=0, first_stage="hybrid", fusion="rrf"),
 }
 
 

@@ -43,11 +43,12 @@ class Retriever:
 
     def __init__(self, run_dir: str | Path | None = None, *, depth: int | None = None, variant: str | None = None,
                  latency_budget_ms: float | None = None, threads: int | None = None, first_stage: str | None = None,
-                 verify: bool = True):
+                 fusion: str | None = None, verify: bool = True):
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
         self.record = RunRecord.load(self.run_dir)
         overrides = {k: v for k, v in {"depth": depth, "variant": variant, "latency_budget_ms": latency_budget_ms,
-                                       "threads": threads, "first_stage": first_stage}.items() if v is not None}
+                                       "threads": threads, "first_stage": first_stage,
+                                       "fusion": fusion}.items() if v is not None}
         self.serving: ServingConfig = replace(self.record.serving, **overrides)
         if self.serving.depth < 0:
             raise ValueError(f"depth must be >= 0, got {self.serving.depth}")

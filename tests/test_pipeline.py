@@ -413,12 +413,12 @@ def test_compare_report_with_intervals_paired_tests_and_load(tmp_path, tiny_run)
     out_dir = tmp_path / "report"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--config", str(config), "--split", "dev",
-                          "--systems", "bm25", "untrained", "biencoder", "bm25+reranker", "pipeline", "--resamples", "200",
+                          "--systems", "bm25", "untrained", "biencoder", "hybrid-rrf", "bm25+reranker", "pipeline", "--resamples", "200",
                           "--concurrency", "1", "2", "--load-queries", "4", "--out", str(out_dir),
                           f"run.dir={tiny_run}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     results = json.loads((out_dir / "results.json").read_text())
-    assert set(results["systems"]) == {"bm25", "biencoder", "bm25+reranker", "pipeline"}
+    assert set(results["systems"]) == {"bm25", "biencoder", "hybrid-rrf", "bm25+reranker", "pipeline"}
     assert results["skipped"] == {"untrained": "not built: make untrained"}
     for name, system in results["systems"].items():
         r1 = system["intervals"]["recall@1"]

@@ -16,6 +16,7 @@ from benchmarks.load import load_test
 from benchmarks.paired import compare_runs, main as paired_main, rank1_overlap
 from benchmarks.stats import bootstrap_interval, paired_test, per_query_values
 from benchmarks.systems import RerankedSearcher
+from pipeline.fusion import rerank_by_score, rerank_order
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_queries():
@@ -95,9 +96,15 @@ class _ByNumber:
 
 
 def test_reranked_searcher_reorders_the_head_and_keeps_the_tail_below():
-    ranked = RerankedSearcher(_First(), _ByNumber(), candidates=6, depth=3).search("q", 5)
+    alone = RerankedSearcher(_First(), _ByNumber(), 6, 3, lambda ids, first, sc: rerank_order(ids, sc, 10, None))
+    ranked = alone.search("q", 5)
     assert [r.document_id for r in ranked] == ["p2", "p1", "p0", "p3", "p4"]
     assert all(a.score > b.score for a, b in zip(ranked, ranked[1:]))
+    # score fusion sees the first stage's scores: 10, 9, 8 + w x z(0, 1, 2) = 10 - 1.22w, 9, 8 + 1.22w
+    def fused(w):
+        return RerankedSearcher(_First(), _ByNumber(), 6, 3, lambda ids, first, sc: rerank_by_score(ids, first, sc, w))
+    assert [r.document_id for r in fused(0.5).search("q", 5)] == ["p0", "p1", "p2", "p3", "p4"]
+    assert [r.document_id for r in fused(2.0).search("q", 5)] == ["p2", "p1", "p0", "p3", "p4"]
 
 
 def test_config_extends_merges_key_by_key_and_refuses_cycles(tmp_path):
