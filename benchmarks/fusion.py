@@ -30,6 +30,7 @@ from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig, RunConfig
 
 from benchmarks.harness import select_queries
+from benchmarks.stats import paired_test, per_query_values
 from pipeline.config import RunRecord
 from pipeline.fusion import linear_fusion, reciprocal_rank_fusion, rerank_by_score
 from pipeline.retriever import Retriever
@@ -43,6 +44,15 @@ RERANK_WEIGHTS = (0.0, 0.02, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 def _means(run: dict[str, list[str]], qrels) -> dict[str, float]:
     means = evaluate(run, {q: qrels[q] for q in run}).means
     return {m: means[m] for m in ("recall@1", "mrr@10", "recall@100")}
+
+
+def _gain(a: dict[str, list[str]], b: dict[str, list[str]], qrels) -> dict[str, float]:
+    """recall@1 of b minus a, paired over the same queries: what the reranker adds to the first stage."""
+    judged = {q: qrels[q] for q in a}
+    per_a, per_b = evaluate(a, judged).per_query, evaluate(b, judged).per_query
+    qids = sorted(per_a)
+    test = paired_test(per_query_values(per_b, "recall@1", qids), per_query_values(per_a, "recall@1", qids))
+    return {"difference": test.difference, "low": test.low, "high": test.high, "p_value": test.p_value}
 
 
 def _best(rows: list[dict]) -> dict:
@@ -73,7 +83,7 @@ def fit(retriever: Retriever, queries: list[tuple[str, str]], qrels, depth: int,
     bm25_weight = _best(first_rows)["bm25_weight"]
 
     first = {q: linear_fusion(u, d, b, bm25_weight) for q, (u, d, b, _) in features.items()}
-    rerank_rows = []
+    rerank_rows, runs = [], {}
     if depth > 0:
         reranker = retriever.reranker
         ce = {}
@@ -88,9 +98,12 @@ def fit(retriever: Retriever, queries: list[tuple[str, str]], qrels, depth: int,
                 order = rerank_by_score([p for p, _ in head], [s for _, s in head], ce[qid], w)
                 run[qid] = [p for p, _ in order] + [p for p, _ in rest]
             rerank_rows.append({"rerank_weight": w, **_means(run, qrels)})
+            runs[w] = run
     rerank_weight = _best(rerank_rows)["rerank_weight"] if rerank_rows else serving.rerank_weight
+    first_run = {q: [p for p, _ in ranked] for q, ranked in first.items()}
+    gain = _gain(first_run, runs[rerank_weight], qrels) if rerank_rows else None
     return {"rrf": rrf_row, "first_stage": first_rows, "rerank": rerank_rows, "bm25_weight": bm25_weight,
-            "rerank_weight": rerank_weight}
+            "rerank_weight": rerank_weight, "rerank_gain": gain}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             mark = " <- chosen" if r["rerank_weight"] == result["rerank_weight"] else ""
             print(f"| {'none (reranker alone)' if r['rerank_weight'] is None else r['rerank_weight']} | "
                   f"{r['recall@1']:.4f} | {r['mrr@10']:.4f} |{mark}")
+        gain = result["rerank_gain"]
+        print(f"reranking at the chosen weight minus the first stage alone, recall@1: {gain['difference']:+.4f} "
+              f"[{gain['low']:+.4f}, {gain['high']:+.4f}], p {gain['p_value']:.4f} (paired, same queries)")
     out = Path(args.out or run_dir / "benchmarks" / f"fusion-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
     choice = {"fusion": "score", "bm25_weight": result["bm25_weight"], "rerank_weight": result["rerank_weight"],

@@ -393,6 +393,10 @@ def test_fusion_cli_fits_both_weights_and_writes_them_into_the_run(tmp_path, tin
     assert [r["rerank_weight"] for r in fit["rerank"]] == [None, 0.0, 1.0]
     best = max(fit["first_stage"], key=lambda r: (r["recall@1"], r["mrr@10"]))
     assert fit["bm25_weight"] == best["bm25_weight"] and fit["choice"]["queries"] == len(QUERIES)
+    chosen = next(r for r in fit["rerank"] if r["rerank_weight"] == fit["rerank_weight"])
+    alone = next(r for r in fit["rerank"] if r["rerank_weight"] == 0.0)   # weight 0: the first stage's order
+    assert alone["recall@1"] == best["recall@1"]
+    assert fit["rerank_gain"]["difference"] == pytest.approx(chosen["recall@1"] - alone["recall@1"])
     record = json.loads((run / "pipeline.json").read_text())
     assert record["serving"]["fusion"] == "score" and record["fusion_fit"] == fit["choice"]
     assert record["serving"]["bm25_weight"] == fit["bm25_weight"]
@@ -423,7 +427,7 @@ def test_compare_report_with_intervals_paired_tests_and_load(tmp_path, tiny_run)
     for name, system in results["systems"].items():
         r1 = system["intervals"]["recall@1"]
         assert r1["low"] <= r1["mean"] <= r1["high"] and r1["mean"] == system["metrics"]["recall@1"]
-    assert set(results["paired_tests_vs_pipeline"]) == {"bm25", "biencoder", "bm25+reranker"}
+    assert set(results["paired_tests_vs_pipeline"]) == {"bm25", "biencoder", "hybrid-rrf", "bm25+reranker"}
     test = results["paired_tests_vs_pipeline"]["bm25"]["recall@1"]
     assert test["queries"] == 4 and 0 < test["p_value"] <= 1
     assert [row["concurrency"] for row in results["load"]] == [1, 2] and results["load"][0]["queries"] == 4
