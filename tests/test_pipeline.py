@@ -338,7 +338,7 @@ def test_search_cli(tiny_run, tmp_path):
     missing = _cli("ok", run=tmp_path / "absent")
     assert missing.returncode == 1 and "python -m pipeline.build" in missing.stderr
     text = _cli("do goldfish grow", "-k", "2", "--depth", "0", run=tiny_run)
-    assert text.returncode == 0 and "1." in text.stdout and "ms: encode" in text.stdout
+    assert text.returncode == 0 and "1." in text.stdout and "ms: encode" in text.stdout and "bm25 + fusion" in text.stdout
 
 
 def test_sweep_choice_respects_the_budget_margin():
