@@ -69,11 +69,10 @@ def fit(retriever: Retriever, queries: list[tuple[str, str]], qrels, depth: int,
     for qid, text in tqdm(queries, desc="first-stage features", unit="q"):
         vector = retriever.model.encode([text], "query", bf16=serving.query_bf16)
         scores, pids = retriever.index.search(vector, serving.candidates)
-        lexical = retriever.bm25.search_ids([text], serving.candidates)[0]
         union, dense, bm25 = retriever.hybrid_features(text, vector, list(pids[0]), [float(s) for s in scores[0]],
-                                                       lexical)
-        rrf = reciprocal_rank_fusion([[p for p, _ in lexical], list(pids[0])], serving.fusion_k,
-                                     [1.0, serving.dense_weight])
+                                                       serving.candidates)
+        lexical = [p for p, _ in retriever.bm25.search_ids([text], serving.candidates)[0]]
+        rrf = reciprocal_rank_fusion([lexical, list(pids[0])], serving.fusion_k, [1.0, serving.dense_weight])
         features[qid] = (union, dense, bm25, [p for p, _ in rrf])
     rrf_row = {"fusion": "rrf", **_means({q: f[3] for q, f in features.items()}, qrels)}
     first_rows = []

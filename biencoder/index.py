@@ -101,8 +101,8 @@ class DenseIndex:
             raise KeyError(f"{len(unknown)} passage ids are not in this index (first: {unknown[0]})")
         if not len(pids):
             return np.zeros(0, dtype=np.float32)
-        vectors = np.stack([self.index.reconstruct(self._row_of[p]) for p in pids])
-        return vectors @ np.asarray(query, np.float32).reshape(-1)
+        rows = np.fromiter((self._row_of[p] for p in pids), dtype=np.int64, count=len(pids))
+        return self.index.reconstruct_batch(rows) @ np.asarray(query, np.float32).reshape(-1)
 
     def save(self, path: str | Path, inputs: dict[str, str]) -> None:
         with atomic_dir(path) as tmp:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import bm25s
+import bm25s.selection
 import numpy as np
 import Stemmer
 from bm25s.utils.corpus import JsonlCorpus
@@ -105,23 +106,31 @@ class BM25Index:
         return [[(str(self.pids[d]), float(s)) for d, s in zip(row_d, row_s) if s > 0]
                 for row_d, row_s in zip(docs, scores)]
 
-    def score_ids(self, query: str, pids: Sequence[str]) -> np.ndarray:
-        """BM25 scores of these passages for the query (0 where no term matches): score fusion needs a
-        score for candidates only the bi-encoder found."""
+    def scores(self, query: str) -> np.ndarray:
+        """Every passage's BM25 score for the query, in index row order: score fusion takes both the top k
+        (`top_ids`) and the scores of the bi-encoder's candidates (`rows`) from this one pass."""
         tokens = self._tokenize([query])[0]
-        if not tokens or not len(pids):
-            return np.zeros(len(pids), dtype=np.float32)
-        rows = self._rows()
-        unknown = [p for p in pids if p not in rows]
-        if unknown:
-            raise KeyError(f"{len(unknown)} passage ids are not in this BM25 index (first: {unknown[0]})")
-        scores = self.retriever.get_scores(tokens)
-        return np.asarray([scores[rows[p]] for p in pids], dtype=np.float32)
+        if not tokens:
+            return np.zeros(len(self.pids), dtype=np.float32)
+        return self.retriever.get_scores(tokens)
 
-    def _rows(self) -> dict[str, int]:
+    def top_ids(self, scores: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """The top k of `scores` as `search_ids` returns them (bm25s's own top-k selection)."""
+        top, rows = bm25s.selection.topk(scores, k=min(k, len(self.pids)), sorted=True, backend="auto")
+        return [(str(self.pids[r]), float(v)) for r, v in zip(rows, top) if v > 0]
+
+    def rows(self, pids: Sequence[str]) -> np.ndarray:
         if not hasattr(self, "_row_of"):
             self._row_of = {str(p): i for i, p in enumerate(self.pids)}
-        return self._row_of
+        unknown = [p for p in pids if p not in self._row_of]
+        if unknown:
+            raise KeyError(f"{len(unknown)} passage ids are not in this BM25 index (first: {unknown[0]})")
+        return np.fromiter((self._row_of[p] for p in pids), dtype=np.int64, count=len(pids))
+
+    def score_ids(self, query: str, pids: Sequence[str]) -> np.ndarray:
+        """BM25 scores of these passages for the query (0 where no term matches)."""
+        rows = self.rows(pids)
+        return np.asarray(self.scores(query)[rows], dtype=np.float32) if len(rows) else np.zeros(0, np.float32)
 
     def search(self, query: str, k: int) -> list[Result]:
         check_query(query, k)

@@ -204,27 +204,29 @@ class Retriever:
         t = _lap(timings, "ann", t)
         if self.bm25 is None:
             return pids, scores
-        lexical = self.bm25.search_ids([query], wanted)[0]
         if self.serving.fusion == "rrf":
-            fused = reciprocal_rank_fusion([[p for p, _ in lexical], pids], self.serving.fusion_k,
+            lexical = [p for p, _ in self.bm25.search_ids([query], wanted)[0]]
+            fused = reciprocal_rank_fusion([lexical, pids], self.serving.fusion_k,
                                            [1.0, self.serving.dense_weight])[:wanted]
         else:
-            union, dense, bm25 = self.hybrid_features(query, vector, pids, scores, lexical)
+            union, dense, bm25 = self.hybrid_features(query, vector, pids, scores, wanted)
             fused = linear_fusion(union, dense, bm25, self.serving.bm25_weight)[:wanted]
         _lap(timings, "bm25", t)
         return [p for p, _ in fused], [s for _, s in fused]
 
     def hybrid_features(self, query: str, vector, pids: list[str], scores: list[float],
-                        lexical: list[tuple[str, float]]) -> tuple[list[str], list[float], list[float]]:
-        """The union of the dense and BM25 candidates, each with both scores: what score fusion weighs
-        (`benchmarks.fusion` fits the weight on these)."""
+                        k: int) -> tuple[list[str], list[float], list[float]]:
+        """The union of the dense candidates (`pids`, `scores`) and BM25's top k, each with both scores: what
+        score fusion weighs (`benchmarks.fusion` fits the weight on these). One BM25 scoring pass gives
+        both BM25's top k and the scores of the passages only the bi-encoder found."""
+        all_bm25 = self.bm25.scores(query)
+        bm25 = dict(self.bm25.top_ids(all_bm25, k))
         dense = dict(zip(pids, scores))
-        bm25 = dict(lexical)
         union = list(dict.fromkeys([*pids, *bm25]))
         only_bm25 = [p for p in union if p not in dense]
         dense.update(zip(only_bm25, map(float, self.index.score_ids(vector[0], only_bm25))))
         only_dense = [p for p in union if p not in bm25]
-        bm25.update(zip(only_dense, map(float, self.bm25.score_ids(query, only_dense))))
+        bm25.update(zip(only_dense, map(float, all_bm25[self.bm25.rows(only_dense)])))
         return union, [dense[p] for p in union], [bm25[p] for p in union]
 
     def describe(self) -> dict:
