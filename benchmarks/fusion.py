@@ -1,6 +1,7 @@
 """Fit the score-fusion weights of a built run on a tuning split and write them into it.
 
     python -m benchmarks.fusion --run runs/mini --split dev-large --sample 1000 [--depth 10] [--no-write]
+    python -m benchmarks.fusion --split dev-large --depth 10 --no-write --reranker runs/mini/exp/onnx/int8
 
 Two grid searches, each keeping the best recall@1 (MRR@10 breaks ties), on the same queries:
 1. `bm25_weight`: the hybrid first stage alone, dense inner product + w x BM25 score over the union of
@@ -31,6 +32,7 @@ from irbase.runconfig import DataConfig, RunConfig
 
 from benchmarks.harness import select_queries
 from benchmarks.stats import paired_test, per_query_values
+from crossencoder.runtime import OnnxReranker
 from pipeline.config import RunRecord
 from pipeline.fusion import linear_fusion, reciprocal_rank_fusion, rerank_by_score
 from pipeline.retriever import Retriever
@@ -115,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rerank-weights", type=float, nargs="+", default=list(RERANK_WEIGHTS))
     parser.add_argument("--out", help="default: <run>/benchmarks/fusion-<split>")
     parser.add_argument("--no-write", action="store_true", help="do not write the weights into the run")
+    parser.add_argument("--reranker", help="an exported reranker (<stage>/onnx/<variant>) to fit instead of "
+                                           "the served one: an experiment, so only with --no-write")
     add_config_args(parser)
     add_dataset_args(parser, split="dev-large")
     args = parser.parse_args(argv)
@@ -124,9 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args.run or load_section(args.config, "run", RunConfig, args.overrides).dir)
     if args.depth is not None and args.depth < 0:
         parser.error("--depth must be >= 0")
+    if args.reranker and not args.no_write:
+        parser.error("--reranker fits weights for a reranker the run does not serve: add --no-write")
     record = RunRecord.load(run_dir)
     depth = record.serving.depth if args.depth is None else args.depth
     retriever = Retriever(run_dir, depth=depth, first_stage="hybrid")
+    if args.reranker:
+        retriever.reranker = OnnxReranker(args.reranker, threads=retriever.serving.threads,
+                                          batch_size=retriever.serving.rerank_batch)
     queries = select_queries(dataset, args.sample, seed=13)
     result = fit(retriever, queries, dataset.qrels, depth, args.bm25_weights, args.rerank_weights)
 
@@ -151,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out or run_dir / "benchmarks" / f"fusion-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
     choice = {"fusion": "score", "bm25_weight": result["bm25_weight"], "rerank_weight": result["rerank_weight"],
-              "depth": depth, "variant": retriever.serving.variant, "split": args.split, "queries": len(queries)}
+              "depth": depth, "variant": retriever.serving.variant, "split": args.split, "queries": len(queries),
+              **({"reranker": args.reranker} if args.reranker else {})}
     atomic_write_json(out / "fusion.json", {**result, "choice": choice, "dataset": dataset.describe(),
                                             "environment": environment()})
     if not args.no_write:

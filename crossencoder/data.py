@@ -7,26 +7,48 @@ from typing import Any
 import torch
 
 from irbase.examples import ExampleBatches, TrainExamples
+from irbase.trec import ScoredRun
 
 from crossencoder.pairs import PairEncoder
+
+
+class FirstStageScores:
+    """A first stage's scores for the train queries (a TREC run), as per-pair loss offsets: residual
+    training. A passage outside a query's list gets that list's lowest score: it ranked below all of it."""
+
+    def __init__(self, run: ScoredRun, scale: float):
+        self.scores = {qid: dict(hits) for qid, hits in run.items() if hits}
+        self.floor = {qid: min(scores.values()) for qid, scores in self.scores.items()}
+        self.scale = scale
+
+    def offsets(self, qid: str, pids: list[str]) -> list[float]:
+        scores, floor = self.scores[qid], self.floor[qid]
+        return [self.scale * scores.get(pid, floor) for pid in pids]
 
 
 class GroupBatches(ExampleBatches):
     """`examples.per_query` is G-1."""
 
-    def __init__(self, examples: TrainExamples, batch_size: int, pairs: PairEncoder):
+    def __init__(self, examples: TrainExamples, batch_size: int, pairs: PairEncoder,
+                 first_stage: FirstStageScores | None = None):
         super().__init__(examples, batch_size)
         self.pairs = pairs
         self.group_size = examples.per_query + 1
+        self.first_stage = first_stage
 
     def collate(self, qids: list[str], epoch: int) -> dict[str, Any]:
         ex = self.examples
-        queries, passages = [], []
+        queries, passages, offsets = [], [], []
         for qid in qids:
             positive, negatives = ex.sample(qid, epoch, self.all_pids)
-            for pid in [positive] + negatives:
-                queries.append(ex.queries[qid])
-                passages.append(ex.passages[pid])
+            group = [positive] + negatives
+            queries.extend([ex.queries[qid]] * len(group))
+            passages.extend(ex.passages[pid] for pid in group)
+            if self.first_stage is not None:
+                offsets.extend(self.first_stage.offsets(qid, group))
         ids, mask = self.pairs.encode_pairs(queries, passages)
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                "group_size": self.group_size, "num_examples": len(qids)}
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                 "group_size": self.group_size, "num_examples": len(qids)}
+        if self.first_stage is not None:
+            batch["offsets"] = torch.tensor(offsets, dtype=torch.float32)
+        return batch

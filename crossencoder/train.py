@@ -22,13 +22,23 @@ from irbase.config import load_section
 from irbase.dataset import Dataset
 from irbase.examples import NegativesConfig, TrainExamples, load_negative_lists
 from irbase.runconfig import DataConfig, RunConfig, seed_everything
+from irbase.trec import read_trec_run
 from irbase.training import TrainConfig, Trainer, train_main
 
-from crossencoder.data import GroupBatches
+from crossencoder.data import FirstStageScores, GroupBatches
 from crossencoder.evaluate import RerankEvalConfig, eval_queries, metrics, rerank
 from crossencoder.model import CrossEncoder, CrossEncoderConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResidualConfig:
+    """Train on what the served first stage gets wrong: its score x `scale` is added to each pair's logit
+    inside the loss, and its own top ranks are the hard negatives, so the reranker learns a correction to
+    that first stage (which serving adds it to) instead of a ranking from scratch."""
+    run: str | None = None     # TREC run of the first stage on the train queries ({run_dir}); null: off
+    scale: float = 20.0        # 1 / the bi-encoder's temperature: the first stage's scores as logits
 
 
 @dataclass
@@ -38,6 +48,7 @@ class CrossEncoderRecipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     init_from: str | None = None            # HF backbone folder we fine-tuned from the same base LM ({run_dir})
     negatives: NegativesConfig = field(default_factory=lambda: NegativesConfig(per_query=7))  # G-1
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
     max_train_queries: int | None = None    # a slice, for smoke runs
     eval: RerankEvalConfig = field(default_factory=RerankEvalConfig)
     final_eval: bool = True
@@ -50,6 +61,22 @@ def bm25_candidates(run_dir: Path, dataset: Dataset, config: BM25Config, qids: S
     return {qid: [pid for pid, _ in hits] for qid, hits in zip(qids, ranked)}
 
 
+def read_first_stage(path: str, dataset: Dataset) -> dict[str, list[tuple[str, float]]]:
+    """The residual run, refused when it does not rank this split's passages for its queries."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"crossencoder.residual.run: {path} not found (the served first stage on the "
+                                f"train queries: python -m benchmarks.run --system pipeline-hybrid --split "
+                                f"{dataset.split} --out <dir>)")
+    run = read_trec_run(path)
+    unknown = [qid for qid in run if qid not in dataset.all_queries][:3]
+    if unknown:
+        raise ValueError(f"crossencoder.residual.run: {path} ranks queries not in the {dataset.split} split "
+                         f"(e.g. {', '.join(unknown)})")
+    if not run:
+        raise ValueError(f"crossencoder.residual.run: {path} is empty")
+    return run
+
+
 def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     run = load_section(config_path, "run", RunConfig, overrides)
     data = load_section(config_path, "data", DataConfig, overrides)
@@ -58,13 +85,19 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     out = Path(run.dir) / recipe.name
     train_set = Dataset.from_dir(data.root, data.train_split)
     negative_lists = load_negative_lists(recipe.negatives.files, run.dir, data.root, "crossencoder.negatives.files")
-    examples = TrainExamples.build(train_set.all_queries, train_set.qrels, train_set.collection, negative_lists,
+    queries, first_stage = train_set.all_queries, None
+    if recipe.residual.run:
+        first = read_first_stage(recipe.residual.run.format(run_dir=run.dir), train_set)
+        negative_lists.append({qid: [pid for pid, _ in hits] for qid, hits in first.items()})
+        queries = {qid: text for qid, text in queries.items() if qid in first}
+        first_stage = FirstStageScores(first, recipe.residual.scale)
+    examples = TrainExamples.build(queries, train_set.qrels, train_set.collection, negative_lists,
                                    recipe.negatives, run.seed, recipe.max_train_queries)
     log.info("%d training queries, groups of %d", len(examples), recipe.negatives.per_query + 1)
 
     init_from = recipe.init_from.format(run_dir=run.dir) if recipe.init_from else None
     model = CrossEncoder.from_base(recipe.model, run.seed, init_from)
-    source = GroupBatches(examples, recipe.train.batch_size, model.pairs)
+    source = GroupBatches(examples, recipe.train.batch_size, model.pairs, first_stage)
     start = time.perf_counter()
     trained = Trainer(model, recipe.train, out, source, run_info={"recipe": asdict(recipe), "seed": run.seed}).train()
     train_seconds = time.perf_counter() - start

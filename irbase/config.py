@@ -58,7 +58,11 @@ def load_yaml(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[st
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {key!r} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML (quote it, e.g. "
+                              f"{dotted}='\"{raw}\"'): {str(e).splitlines()[0]}") from None
     return data
 
 

@@ -402,6 +402,18 @@ def test_fusion_cli_fits_both_weights_and_writes_them_into_the_run(tmp_path, tin
     assert record["serving"]["bm25_weight"] == fit["bm25_weight"]
     assert record["serving"]["rerank_weight"] == fit["rerank_weight"]
     assert Retriever(run).serving.fusion == "score"
+    # an experiment's reranker is fitted beside the served one, never written into the run
+    served = run / record["serving"]["crossencoder"] / "onnx" / record["serving"]["variant"]
+    args = [sys.executable, "-m", "benchmarks.fusion", "--run", str(run), "--data", str(data), "--split", "dev",
+            "--depth", "2", "--bm25-weights", "0", "0.5", "--rerank-weights", "0", "1", "--reranker", str(served)]
+    refused = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--no-write" in refused.stderr
+    out = subprocess.run(args + ["--no-write", "--out", str(tmp_path / "exp")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    experiment = json.loads((tmp_path / "exp" / "fusion.json").read_text())
+    assert experiment["rerank"] == fit["rerank"] and experiment["choice"]["reranker"] == str(served)
+    assert json.loads((run / "pipeline.json").read_text()) == record
 
 
 def test_compare_report_with_intervals_paired_tests_and_load(tmp_path, tiny_run):

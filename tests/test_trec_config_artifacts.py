@@ -65,6 +65,9 @@ def test_config_errors_name_the_key(tmp_path):
         load_section(path, "model", Outer, ["model.inner.depth=1", "model.lr=fast"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_yaml(path, ["model.lr"])
+    with pytest.raises(ConfigError, match=r"override 'model.note=\{run_dir\}/x': the value is not valid YAML"):
+        load_yaml(path, ["model.note={run_dir}/x"])
+    assert load_yaml(path, ['model.note="{run_dir}/x"'])["model"]["note"] == "{run_dir}/x"
     with pytest.raises(ConfigError, match="not found"):
         load_yaml(tmp_path / "nope.yaml")
 
