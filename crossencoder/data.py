@@ -2,13 +2,14 @@
 in one padded tensor."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from irbase.examples import ExampleBatches, TrainExamples
 from irbase.trec import ScoredRun
 
+from crossencoder.model import group_loss
 from crossencoder.pairs import PairEncoder
 
 
@@ -24,6 +25,24 @@ class FirstStageScores:
     def offsets(self, qid: str, pids: list[str]) -> list[float]:
         scores, floor = self.scores[qid], self.floor[qid]
         return [self.scale * scores.get(pid, floor) for pid in pids]
+
+
+SCALE_GRID = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 60.0, 100.0)
+
+
+def fit_scale(run: ScoredRun, examples: TrainExamples, all_pids: list[str],
+              grid: Sequence[float] = SCALE_GRID) -> tuple[float, dict[float, float]]:
+    """The scale at which the first stage alone best explains the training groups (least listwise loss
+    on epoch 0's samples): the reranker then starts from a calibrated first stage and learns only what it
+    misses. Returns the scale and the loss at each grid point."""
+    unit = FirstStageScores(run, 1.0)
+    groups = []
+    for qid in examples.queries:
+        positive, negatives = examples.sample(qid, 0, all_pids)
+        groups.append(unit.offsets(qid, [positive] + negatives))
+    scores = torch.tensor(groups, dtype=torch.float64)
+    losses = {float(s): float(group_loss(s * scores.flatten(), scores.shape[1], "listwise")) for s in grid}
+    return min(losses, key=losses.get), losses
 
 
 class GroupBatches(ExampleBatches):

@@ -25,7 +25,7 @@ from irbase.runconfig import DataConfig, RunConfig, seed_everything
 from irbase.trec import read_trec_run
 from irbase.training import TrainConfig, Trainer, train_main
 
-from crossencoder.data import FirstStageScores, GroupBatches
+from crossencoder.data import FirstStageScores, GroupBatches, fit_scale
 from crossencoder.evaluate import RerankEvalConfig, eval_queries, metrics, rerank
 from crossencoder.model import CrossEncoder, CrossEncoderConfig
 
@@ -38,7 +38,7 @@ class ResidualConfig:
     inside the loss, and its own top ranks are the hard negatives, so the reranker learns a correction to
     that first stage (which serving adds it to) instead of a ranking from scratch."""
     run: str | None = None     # TREC run of the first stage on the train queries ({run_dir}); null: off
-    scale: float = 20.0        # 1 / the bi-encoder's temperature: the first stage's scores as logits
+    scale: float | None = None  # first-stage score -> logit; null: fitted on the training groups (fit_scale)
 
 
 @dataclass
@@ -87,25 +87,35 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     negative_lists = load_negative_lists(recipe.negatives.files, run.dir, data.root, "crossencoder.negatives.files")
     queries, first_stage = train_set.all_queries, None
     if recipe.residual.run:
-        first = read_first_stage(recipe.residual.run.format(run_dir=run.dir), train_set)
+        residual_run = recipe.residual.run.format(run_dir=run.dir)
+        first = read_first_stage(residual_run, train_set)
         negative_lists.append({qid: [pid for pid, _ in hits] for qid, hits in first.items()})
         queries = {qid: text for qid, text in queries.items() if qid in first}
-        first_stage = FirstStageScores(first, recipe.residual.scale)
     examples = TrainExamples.build(queries, train_set.qrels, train_set.collection, negative_lists,
                                    recipe.negatives, run.seed, recipe.max_train_queries)
+    residual = {}
+    if recipe.residual.run:
+        scale, losses = recipe.residual.scale, None
+        if scale is None:
+            scale, losses = fit_scale(first, examples, sorted(examples.passages))
+        first_stage = FirstStageScores(first, scale)
+        residual = {"scale": scale, "fitted_losses": losses and {f"{k:g}": v for k, v in losses.items()}}
+        log.info("residual training on %s, first-stage scale %g", residual_run, scale)
     log.info("%d training queries, groups of %d", len(examples), recipe.negatives.per_query + 1)
 
     init_from = recipe.init_from.format(run_dir=run.dir) if recipe.init_from else None
     model = CrossEncoder.from_base(recipe.model, run.seed, init_from)
     source = GroupBatches(examples, recipe.train.batch_size, model.pairs, first_stage)
     start = time.perf_counter()
-    trained = Trainer(model, recipe.train, out, source, run_info={"recipe": asdict(recipe), "seed": run.seed}).train()
+    run_info = {"recipe": asdict(recipe), "seed": run.seed, **({"residual": residual} if residual else {})}
+    trained = Trainer(model, recipe.train, out, source, run_info=run_info).train()
     train_seconds = time.perf_counter() - start
     if int(os.environ.get("RANK", 0)) != 0:
         return out
     trained.save(out / "model", extra={"recipe": asdict(recipe), "seed": run.seed,
                                        "train_collection": file_fingerprint(train_set.collection_path)})
-    summary = {"train_seconds": train_seconds, "train_queries": len(examples)}
+    summary = {"train_seconds": train_seconds, "train_queries": len(examples),
+               **({"residual": residual} if residual else {})}
     if recipe.final_eval:
         dev_set = Dataset.from_dir(data.root, data.dev_split)
         qids = eval_queries(dev_set, recipe.eval.queries, run.seed)

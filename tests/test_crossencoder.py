@@ -16,7 +16,7 @@ from irbase.examples import NegativesConfig, TrainExamples
 from irbase.lm import BaseLMConfig
 from tests.conftest import PASSAGES, QUERIES, write_train_dev
 
-from crossencoder.data import FirstStageScores, GroupBatches
+from crossencoder.data import FirstStageScores, GroupBatches, fit_scale
 from crossencoder.export import ExportConfig, ExportRefused, Tolerance, export_variants, parity
 from crossencoder.model import CrossEncoder, CrossEncoderConfig, group_loss
 from crossencoder.runtime import OnnxReranker
@@ -106,6 +106,13 @@ def test_residual_training_adds_the_first_stage_scores_inside_the_loss(tmp_path,
     assert loss.item() == pytest.approx(group_loss(logits + batch["offsets"], 2, "listwise").item(), rel=1e-5)
     assert loss.item() != pytest.approx(plain.item(), rel=1e-3)
     assert "offsets" not in next(GroupBatches(examples, 2, model.pairs).batches(0, 0, 0, 1))
+    # the scale fitted on the groups: the least listwise loss of the first stage alone, by hand
+    scale, losses = fit_scale(run, examples, batches.all_pids, grid=(0.5, 4.0, 50.0))
+    groups = [[dict(run[q])[p] for p in [pos] + negs] for q in ("q1", "q2")
+              for pos, negs in [examples.sample(q, 0, batches.all_pids)]]
+    by_hand = {g: sum(math.log(sum(math.exp(g * x) for x in xs)) - g * xs[0] for xs in groups) / 2
+               for g in (0.5, 4.0, 50.0)}
+    assert losses == pytest.approx(by_hand, rel=1e-5) and scale == min(by_hand, key=by_hand.get)
     dataset = Dataset(tmp_path / "c.tsv", tmp_path / "q.tsv", None, "train")
     (tmp_path / "q.tsv").write_text("q1\tgoldfish\n")
     (tmp_path / "run.trec").write_text("q9 Q0 p1 1 1.0 x\n")
