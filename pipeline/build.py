@@ -3,9 +3,11 @@
     python -m pipeline.build --config configs/mini.yaml [--only STAGE ...] [--force STAGE ...] [key=value ...]
 
 [slice (when the config has a `slice` section: configs/smoke.yaml),] base-lm, bm25-negatives, biencoder
-(round 1), mine, biencoder-r2, crossencoder, export, corpus (encoding, HNSW index, passage store), fusion
-(score-fusion weights fitted on dev-large, written into the run), sweep (rerank depth and variant against
-p95, written into the run), benchmark (`Retriever()` on dev). A stage whose recorded key
+(round 1), mine, biencoder-r2, corpus (encoding, HNSW index, passage store), [first-stage-train (the
+hybrid first stage on the train queries, when crossencoder.residual.run names its run),] crossencoder,
+export, reranker (the served cross-encoder recorded in the run), fusion (score-fusion weights fitted on
+dev-large, written into the run), sweep (rerank depth and variant against p95, written into the run),
+benchmark (`Retriever()` on dev). A stage whose recorded key
 (its command, the config sections it reads, and the keys of the stages before it) is unchanged and whose
 outputs exist is skipped; an interrupted stage is simply run again and resumes (training from its last
 checkpoint, encoding from its last finished shard). Stage records live in <run.dir>/stages/.
@@ -65,6 +67,7 @@ class Builder:
         r2_name = next((o.split("=", 1)[1] for o in self.r2 if o.startswith("biencoder.name=")), "biencoder-r2")
         self.r2_name = r2_name
         ce_name = self.raw.get("crossencoder", {}).get("name", "crossencoder")
+        residual_run = (self.raw.get("crossencoder", {}).get("residual") or {}).get("run")
 
         def cli(module: str, *options: str, overrides: Sequence[str] = (), command: str | None = None) -> list[str]:
             """`python -m module [command] [options] --config C [overrides]`: the stage's own overrides (round
@@ -74,19 +77,35 @@ class Builder:
                     *overrides, *self.overrides]
 
         self.stages = [Stage("slice", ["slice", "data"], [], cli("irbase.slice"))] if "slice" in self.raw else []
-        self.stages += [
+        self.residual = bool(residual_run)
+        first_stage = [
             Stage("base-lm", ["biencoder.model.base_lm", "crossencoder.model.base_lm"], [], action=self._base_lm),
             Stage("bm25-negatives", ["data", "bm25"], ["negatives.bm25.tsv"], cli("irbase.bm25", command="mine")),
             Stage("biencoder", ["data", "biencoder", "encode"], ["biencoder/model", "biencoder/eval.json"],
                   cli("biencoder.train")),
             Stage("mine", ["data", "encode"], ["negatives.biencoder.tsv"], cli("biencoder.mine")),
             Stage("biencoder-r2", ["data", "biencoder", "encode", "build.round2"],
-                  [f"{r2_name}/model", f"{r2_name}/eval.json"], cli("biencoder.train", overrides=self.r2)),
+                  [f"{r2_name}/model", f"{r2_name}/eval.json"], cli("biencoder.train", overrides=self.r2))]
+        reranker = [
             Stage("crossencoder", ["data", "crossencoder"], [f"{ce_name}/model", f"{ce_name}/eval.json"],
                   cli("crossencoder.train")),
-            Stage("export", ["data", "export"], [f"{ce_name}/onnx"], cli("crossencoder.export")),
-            Stage("corpus", ["data", "encode", "index", "bm25", "pipeline"], ["pipeline.json", "corpus/index",
-                                                                     "corpus/passages.sqlite"], action=self._corpus),
+            Stage("export", ["data", "export"], [f"{ce_name}/onnx"], cli("crossencoder.export"))]
+        corpus = Stage("corpus", ["data", "encode", "index", "bm25", "pipeline"],
+                       ["pipeline.json", "corpus/index", "corpus/passages.sqlite"], action=self._corpus)
+        if residual_run:  # the reranker learns what the served first stage misses: that stage comes first
+            run_file = Path(residual_run.format(run_dir=self.run.dir))
+            if run_file.name != "run.trec":
+                raise SystemExit(f"crossencoder.residual.run: {residual_run} must name a run.trec, the file "
+                                 "python -m benchmarks.run writes into its --out folder")
+            ranked = Stage("first-stage-train", ["data", "benchmark"],
+                           [f"{os.path.relpath(run_file.parent, self.run_dir)}/run.trec"],
+                           cli("benchmarks.run", "--system", "pipeline-hybrid", "--split", self.data.train_split,
+                               "--out", str(run_file.parent)))
+            self.stages += first_stage + [corpus, ranked] + reranker + [
+                Stage("reranker", ["pipeline"], ["pipeline.json"], action=self._record_reranker)]
+        else:
+            self.stages += first_stage + reranker + [corpus]
+        self.stages += [
             Stage("fusion", ["data", "build.fusion", "pipeline"], [f"benchmarks/fusion-{self._fusion_split()}"],
                   cli("benchmarks.fusion", *self.build.fusion)),
             Stage("sweep", ["data", "build.sweep", "pipeline"], [f"benchmarks/sweep-{self.build.benchmark_split}"],
@@ -130,27 +149,40 @@ class Builder:
         previous = None
         if (self.run_dir / "pipeline.json").is_file():
             previous = RunRecord.load(self.run_dir)
-        ce_model = self.run_dir / serving.crossencoder / "model"
+        # the cross-encoder's fingerprint comes from _record_reranker
         record = RunRecord(
             serving=serving,
-            fingerprints={"biencoder": model_fingerprint(self.run_dir / serving.biencoder / "model"),
-                          "crossencoder": model_fingerprint(ce_model)},
+            fingerprints={"biencoder": model_fingerprint(self.run_dir / serving.biencoder / "model")},
             encode=asdict(load_section(self.config_path, "encode", EncodeConfig, self.overrides)),
             index=asdict(load_section(self.config_path, "index", IndexConfig, self.overrides)),
-            bm25=asdict(load_section(self.config_path, "bm25", BM25Config, self.overrides)),
-            sweep=previous.sweep if previous else None)
-        same_models = previous is not None and previous.fingerprints == record.fingerprints
-        if same_models and previous.sweep:
-            record.serving.depth, record.serving.variant = previous.serving.depth, previous.serving.variant
-        if same_models and previous.fusion_fit:  # the fusion stage refits them after this one
-            for key in ("first_stage", "fusion", "bm25_weight", "rerank_weight"):
+            bm25=asdict(load_section(self.config_path, "bm25", BM25Config, self.overrides)))
+        if previous is not None and previous.fingerprints.get("biencoder") == record.fingerprints["biencoder"]:
+            record.fingerprints = dict(previous.fingerprints)  # same first stage: its fits still hold
+            record.sweep, record.fusion_fit = previous.sweep, previous.fusion_fit
+            for key in ("depth", "variant", "first_stage", "fusion", "bm25_weight", "rerank_weight"):
                 setattr(record.serving, key, getattr(previous.serving, key))
-            record.fusion_fit = previous.fusion_fit
         record.save(self.run_dir)
+        if not self.residual:  # the reranker was built before the corpus
+            self._record_reranker()
         dev = Dataset.from_dir(self.data.root, self.data.dev_split)
         retriever = Retriever(self.run_dir, depth=0)
         retriever.embed_and_store_corpus(dev.collection_path, embeddings_dir=self.run_dir / serving.biencoder
                                          / "embeddings")
+
+    def _record_reranker(self) -> None:
+        """Record the exported cross-encoder the run serves; a new one voids the depth and reranker weight
+        fitted for the last (the fusion and sweep stages after this one fit them again)."""
+        from pipeline.config import RunRecord, ServingConfig
+
+        record = RunRecord.load(self.run_dir)
+        fingerprint = model_fingerprint(self.run_dir / record.serving.crossencoder / "model")
+        if record.fingerprints.get("crossencoder") != fingerprint:
+            configured = load_section(self.config_path, "pipeline", ServingConfig, self.overrides)
+            record.serving.depth, record.serving.variant = configured.depth, configured.variant
+            record.serving.rerank_weight = configured.rerank_weight
+            record.sweep = record.fusion_fit = None
+            record.fingerprints["crossencoder"] = fingerprint
+        record.save(self.run_dir)
 
     def run_all(self, only: Sequence[str] = (), force: Sequence[str] = ()) -> list[dict]:
         known = [s.name for s in self.stages]

@@ -447,3 +447,37 @@ def test_compare_report_with_intervals_paired_tests_and_load(tmp_path, tiny_run)
     report = (out_dir / "report.md").read_text()
     assert "| pipeline |" in report and "not built: make untrained" in report and "| 2 | 4 |" in report
     assert (out_dir / "compare.png").stat().st_size > 1000
+
+
+def test_build_trains_a_residual_reranker_after_the_first_stage_and_records_it(tmp_path, tiny_run):
+    from pipeline.build import Builder
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run: {{dir: {run}}}\npipeline: {{depth: 3, variant: fp32, rerank_weight: 0.5}}\n")
+    names = lambda b: [s.name for s in b.stages]  # noqa: E731
+    plain = names(Builder(str(config), []))
+    assert plain.index("export") < plain.index("corpus") and "first-stage-train" not in plain
+    residual = Builder(str(config), ['crossencoder.residual.run="{run_dir}/benchmarks/ft/run.trec"'])
+    assert names(residual)[names(residual).index("biencoder-r2"):] == [
+        "biencoder-r2", "corpus", "first-stage-train", "crossencoder", "export", "reranker", "fusion", "sweep",
+        "benchmark"]
+    ranked = next(s for s in residual.stages if s.name == "first-stage-train")
+    assert ranked.outputs == ["benchmarks/ft/run.trec"] and ranked.command[ranked.command.index("--out") + 1] == \
+        str(run / "benchmarks" / "ft")
+    with pytest.raises(SystemExit, match="must name a run.trec"):
+        Builder(str(config), ["crossencoder.residual.run=elsewhere.tsv"])
+    # a new cross-encoder voids the depth, variant and reranker weight fitted for the last one
+    record = RunRecord.load(run)
+    record.fingerprints["crossencoder"] = "sha256:an-older-model"
+    record.serving.depth, record.serving.rerank_weight, record.sweep = 9, 0.02, {"depth": 9}
+    record.save(run)
+    residual._record_reranker()
+    after = RunRecord.load(run)
+    assert after.fingerprints["crossencoder"] == model_fingerprint(run / after.serving.crossencoder / "model")
+    assert (after.serving.depth, after.serving.variant, after.serving.rerank_weight, after.sweep) == (3, "fp32", 0.5, None)
+    after.serving.depth = 5  # the sweep's new choice survives recording the same model again
+    after.save(run)
+    residual._record_reranker()
+    assert RunRecord.load(run).serving.depth == 5
