@@ -62,7 +62,7 @@ def bm25_candidates(run_dir: Path, dataset: Dataset, config: BM25Config, qids: S
 
 
 def read_first_stage(path: str, dataset: Dataset) -> dict[str, list[tuple[str, float]]]:
-    """The residual run, refused when it does not rank this split's passages for its queries."""
+    """The residual run, refused when it is missing, empty or ranks queries outside this split."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"crossencoder.residual.run: {path} not found (the served first stage on the "
                                 f"train queries: python -m benchmarks.run --system pipeline-hybrid --split "
