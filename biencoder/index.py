@@ -22,6 +22,7 @@ import numpy as np
 from irbase.artifacts import atomic_dir, atomic_write_json, check_inputs, read_manifest, write_manifest
 from irbase.config import add_config_args, load_section
 from irbase.runconfig import stage_dir
+from irbase.search import RowLookup
 
 from biencoder.encode import iter_shards
 
@@ -64,6 +65,7 @@ def maybe_gpu(index: faiss.Index, config: IndexConfig) -> faiss.Index:
 class DenseIndex:
     def __init__(self, index: faiss.Index, pids: np.ndarray, config: IndexConfig):
         self.index, self.pids, self.config = index, pids, config
+        self._rows = RowLookup(pids, "index")
         self._searcher = maybe_gpu(index, config)  # moved once, not on every query
 
     @classmethod
@@ -94,14 +96,9 @@ class DenseIndex:
     def score_ids(self, query: np.ndarray, pids: Sequence[str]) -> np.ndarray:
         """Inner products of one query vector with these passages' stored vectors (decoded, under SQ8):
         score fusion needs a score for candidates only BM25 found."""
-        if not hasattr(self, "_row_of"):
-            self._row_of = {str(p): i for i, p in enumerate(self.pids)}
-        unknown = [p for p in pids if p not in self._row_of]
-        if unknown:
-            raise KeyError(f"{len(unknown)} passage ids are not in this index (first: {unknown[0]})")
-        if not len(pids):
+        rows = self._rows(pids)
+        if not len(rows):
             return np.zeros(0, dtype=np.float32)
-        rows = np.fromiter((self._row_of[p] for p in pids), dtype=np.int64, count=len(pids))
         return self.index.reconstruct_batch(rows) @ np.asarray(query, np.float32).reshape(-1)
 
     def save(self, path: str | Path, inputs: dict[str, str]) -> None:

@@ -29,7 +29,7 @@ from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset, add_dataset_args, dataset_from_args
 from irbase.negatives import write_negatives
 from irbase.runconfig import DataConfig, RunConfig
-from irbase.search import Result, check_query
+from irbase.search import Result, RowLookup, check_query
 
 log = logging.getLogger(__name__)
 KIND = "bm25"
@@ -50,6 +50,7 @@ class BM25Index:
 
     def __init__(self, retriever: bm25s.BM25, pids: np.ndarray, texts: Sequence, config: BM25Config):
         self.retriever, self.pids, self.texts, self.config = retriever, pids, texts, config
+        self.rows = RowLookup(pids, "BM25 index")  # passage ids -> rows of `scores`
         self._local = threading.local()  # PyStemmer objects are not thread-safe
 
     @classmethod
@@ -118,14 +119,6 @@ class BM25Index:
         """The top k of `scores` as `search_ids` returns them (bm25s's own top-k selection)."""
         top, rows = bm25s.selection.topk(scores, k=min(k, len(self.pids)), sorted=True, backend="auto")
         return [(str(self.pids[r]), float(v)) for r, v in zip(rows, top) if v > 0]
-
-    def rows(self, pids: Sequence[str]) -> np.ndarray:
-        if not hasattr(self, "_row_of"):
-            self._row_of = {str(p): i for i, p in enumerate(self.pids)}
-        unknown = [p for p in pids if p not in self._row_of]
-        if unknown:
-            raise KeyError(f"{len(unknown)} passage ids are not in this BM25 index (first: {unknown[0]})")
-        return np.fromiter((self._row_of[p] for p in pids), dtype=np.int64, count=len(pids))
 
     def score_ids(self, query: str, pids: Sequence[str]) -> np.ndarray:
         """BM25 scores of these passages for the query (0 where no term matches)."""

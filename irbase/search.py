@@ -2,8 +2,11 @@
 measures them all the same way."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -31,3 +34,22 @@ def check_query(query: object, k: object) -> str:
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
     return query
+
+
+class RowLookup:
+    """Passage id -> row of an index, for scoring named passages (score fusion). The map is built on first
+    use: over millions of ids it costs memory that a dense-only or BM25-only search never needs."""
+
+    def __init__(self, pids: Sequence, what: str):
+        self._pids, self._what, self._rows = pids, what, None
+        self._lock = threading.Lock()
+
+    def __call__(self, pids: Sequence[str]) -> np.ndarray:
+        if self._rows is None:
+            with self._lock:
+                if self._rows is None:
+                    self._rows = {str(p): i for i, p in enumerate(self._pids)}
+        unknown = [p for p in pids if p not in self._rows]
+        if unknown:
+            raise KeyError(f"{len(unknown)} passage ids are not in this {self._what} (first: {unknown[0]})")
+        return np.fromiter((self._rows[p] for p in pids), dtype=np.int64, count=len(pids))
