@@ -12,7 +12,7 @@ from irbase.dataset import Dataset
 from irbase.runconfig import RunConfig, stage_dir
 from irbase.search import Result, Searcher
 
-from pipeline.fusion import rerank_by_score, rerank_order
+from pipeline.fusion import fuse_reranked
 
 
 def _bm25(config_path: str | None, overrides: list[str], dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
@@ -79,12 +79,9 @@ def bm25_reranked(config_path: str | None, overrides: list[str], dataset: Datase
     reranker = OnnxReranker(Path(run.dir) / serving.crossencoder / "onnx" / serving.variant, threads=serving.threads,
                             batch_size=serving.rerank_batch)
     depth = serving.depth if depth is None else depth
-    if serving.fusion == "score":
-        def order(ids, first, scores):
-            return rerank_by_score(ids, [serving.bm25_weight * f for f in first], scores, serving.rerank_weight)
-    else:
-        def order(ids, first, scores):
-            return rerank_order(ids, scores, serving.fusion_k, serving.rerank_weight)
+    def order(ids, first, scores):
+        return fuse_reranked(serving.fusion, ids, [serving.bm25_weight * f for f in first], scores,
+                             serving.rerank_weight, serving.fusion_k)
     return RerankedSearcher(bm25, reranker, serving.candidates, depth, order), \
         {**info, "reranker": serving.variant, "depth": depth, "candidates": serving.candidates,
          "fusion": serving.fusion, "rerank_weight": serving.rerank_weight}

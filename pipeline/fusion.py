@@ -64,3 +64,12 @@ def rerank_by_score(head: Sequence[str], first_scores: Sequence[float], scores: 
         fused = [(p, float(f) + weight * ((v - mean) / spread if spread > 0 else 0.0))
                  for p, f, v in zip(head, first_scores, values)]
     return sorted(fused, key=lambda item: -item[1])
+
+
+def fuse_reranked(fusion: str, head: Sequence[str], first_scores: Sequence[float], scores: Sequence[float],
+                  weight: float | None, k: int) -> list[tuple[str, float]]:
+    """The reranked candidates' final order under `pipeline.fusion` (`score`: rerank_by_score; `rrf`:
+    rerank_order with constant k), one place for the pipeline and the benchmark systems."""
+    if fusion == "score":
+        return rerank_by_score(head, first_scores, scores, weight)
+    return rerank_order(head, scores, k, weight)

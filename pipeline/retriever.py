@@ -23,7 +23,7 @@ from biencoder.model import BiEncoder
 from crossencoder.runtime import OnnxReranker
 from pipeline.budget import DeadlineLock, PairCost
 from pipeline.config import BUILD_HINT, RunRecord, ServingConfig, default_run_dir
-from pipeline.fusion import linear_fusion, reciprocal_rank_fusion, rerank_by_score, rerank_order
+from pipeline.fusion import fuse_reranked, linear_fusion, reciprocal_rank_fusion
 from pipeline.store import PassageStore
 
 CORPUS_DIR = "corpus"
@@ -181,10 +181,8 @@ class Retriever:
         t = _lap(timings, "rerank", t)
 
         head = [p for p, _ in reranked]
-        if serving.fusion == "score":
-            reranked = rerank_by_score(head, scores[: len(head)], [sc for _, sc in reranked], serving.rerank_weight)
-        else:
-            reranked = rerank_order(head, [sc for _, sc in reranked], serving.fusion_k, serving.rerank_weight)
+        reranked = fuse_reranked(serving.fusion, head, scores[: len(head)], [sc for _, sc in reranked],
+                                 serving.rerank_weight, serving.fusion_k)
         floor = min((s for _, s in reranked), default=0.0)
         tail = [(p, floor - 1.0 - i * 1e-3 if reranked else float(s))
                 for i, (p, s) in enumerate(zip(pids[position:], scores[position:]))]
