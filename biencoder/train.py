@@ -39,7 +39,7 @@ class BiEncoderRecipe:
     model: BiEncoderConfig = field(default_factory=BiEncoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
-    init_from: str | None = None            # continue from a trained bi-encoder (round 2)
+    init_from: str | None = None            # continue from a trained bi-encoder (round 2; {run_dir})
     # with init_from: start the data stream where that run stopped, so a second round reaches the training
     # queries the first did not instead of repeating its batches (sets train.data_offset when that is 0)
     continue_data: bool = True
@@ -83,13 +83,16 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     log.info("%d training queries, %d with mined negatives", len(examples),
              sum(1 for v in examples.negatives.values() if v))
 
-    model = BiEncoder.load(recipe.init_from) if recipe.init_from else BiEncoder.from_base(recipe.model, run.seed)
     if recipe.init_from:
+        recipe.init_from = recipe.init_from.format(run_dir=run.dir)
+        model = BiEncoder.load(recipe.init_from)
         model.config.temperature = recipe.model.temperature
         if recipe.continue_data and recipe.train.data_offset == 0:
             recipe.train.data_offset = stream_position(recipe.init_from)
             log.info("continuing the data stream of %s after %d examples", recipe.init_from,
                      recipe.train.data_offset)
+    else:
+        model = BiEncoder.from_base(recipe.model, run.seed)
     source = TrainBatches(examples, recipe.train.batch_size, model.tokenize)
     if recipe.final_eval not in ("full", "proxy", "none"):
         raise ValueError(f"biencoder.final_eval {recipe.final_eval!r}: expected full, proxy or none")

@@ -86,6 +86,20 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, tiny_decoder):
     assert kept == [f"step-{steps - 10:07d}", f"step-{steps:07d}"]  # keep_checkpoints=2, older removed
 
 
+def test_a_second_round_names_its_first_round_under_run_dir(tmp_path, tiny_decoder):
+    """`biencoder.init_from` takes `{run_dir}` like every other path key of the recipe."""
+    config = _setup(tmp_path, tiny_decoder, max_steps=4, save_every=100)
+    out, _ = _train(config, "biencoder.final_eval=none").communicate(timeout=600)
+    assert (tmp_path / "run" / "biencoder" / "model" / "biencoder.json").is_file(), out[-2000:]
+    round2 = _train(config, "biencoder.name=r2", 'biencoder.init_from="{run_dir}/biencoder/model"',
+                    "biencoder.train.max_steps=2", "biencoder.final_eval=none")
+    out, _ = round2.communicate(timeout=600)
+    assert round2.returncode == 0, out[-2000:]
+    assert f"continuing the data stream of {tmp_path / 'run' / 'biencoder' / 'model'} after 8 examples" in out
+    recorded = json.loads((tmp_path / "run" / "r2" / "train_config.json").read_text())
+    assert recorded["recipe"]["init_from"] == str(tmp_path / "run" / "biencoder" / "model")
+
+
 def test_config_changes_by_hand():
     from irbase.training import config_changes
 
