@@ -22,7 +22,7 @@ from irbase.artifacts import atomic_write_json, file_fingerprint
 from irbase.config import load_section
 from irbase.dataset import Dataset
 from irbase.examples import NegativesConfig, TrainExamples, load_negative_lists
-from irbase.runconfig import DataConfig, RunConfig, seed_everything
+from irbase.runconfig import DataConfig, RunConfig, fill_path, seed_everything
 from irbase.training import TrainConfig, Trainer, train_main
 
 from biencoder.data import TrainBatches
@@ -39,7 +39,7 @@ class BiEncoderRecipe:
     model: BiEncoderConfig = field(default_factory=BiEncoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
-    init_from: str | None = None            # continue from a trained bi-encoder (round 2; {run_dir})
+    init_from: str | None = None            # continue from a trained bi-encoder (round 2; {run_dir}, {data_root})
     # with init_from: start the data stream where that run stopped, so a second round reaches the training
     # queries the first did not instead of repeating its batches (sets train.data_offset when that is 0)
     continue_data: bool = True
@@ -84,7 +84,7 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
              sum(1 for v in examples.negatives.values() if v))
 
     if recipe.init_from:
-        recipe.init_from = recipe.init_from.format(run_dir=run.dir)
+        recipe.init_from = fill_path(recipe.init_from, run.dir, data.root)
         model = BiEncoder.load(recipe.init_from)
         model.config.temperature = recipe.model.temperature
         if recipe.continue_data and recipe.train.data_offset == 0:

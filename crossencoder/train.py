@@ -21,7 +21,7 @@ from irbase.bm25 import BM25Config, build_or_load
 from irbase.config import load_section
 from irbase.dataset import Dataset
 from irbase.examples import NegativesConfig, TrainExamples, load_negative_lists
-from irbase.runconfig import DataConfig, RunConfig, seed_everything
+from irbase.runconfig import DataConfig, RunConfig, fill_path, seed_everything
 from irbase.trec import read_trec_run
 from irbase.training import TrainConfig, Trainer, train_main
 
@@ -87,7 +87,7 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     negative_lists = load_negative_lists(recipe.negatives.files, run.dir, data.root, "crossencoder.negatives.files")
     queries, first_stage = train_set.all_queries, None
     if recipe.residual.run:
-        residual_run = recipe.residual.run.format(run_dir=run.dir)
+        residual_run = fill_path(recipe.residual.run, run.dir, data.root)
         first = read_first_stage(residual_run, train_set)
         negative_lists.append({qid: [pid for pid, _ in hits] for qid, hits in first.items()})
         queries = {qid: text for qid, text in queries.items() if qid in first}
@@ -103,7 +103,7 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
         log.info("residual training on %s, first-stage scale %g", residual_run, scale)
     log.info("%d training queries, groups of %d", len(examples), recipe.negatives.per_query + 1)
 
-    init_from = recipe.init_from.format(run_dir=run.dir) if recipe.init_from else None
+    init_from = fill_path(recipe.init_from, run.dir, data.root) if recipe.init_from else None
     model = CrossEncoder.from_base(recipe.model, run.seed, init_from)
     source = GroupBatches(examples, recipe.train.batch_size, model.pairs, first_stage)
     start = time.perf_counter()

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Sequence
 
 from irbase.formats import Qrels
 from irbase.negatives import read_negatives
+from irbase.runconfig import fill_path
 
 
 @dataclass
@@ -76,7 +77,7 @@ def load_negative_lists(files: Sequence[str], run_dir: str, data_root: str, key:
     """Read each negatives file; `{run_dir}` and `{data_root}` in a path are filled in."""
     lists = []
     for name in files:
-        path = Path(name.format(run_dir=run_dir, data_root=data_root))
+        path = Path(fill_path(name, run_dir, data_root))
         if not path.is_file():
             raise FileNotFoundError(f"{key}: {path} not found (BM25 negatives: `python -m irbase.bm25 mine`; "
                                     "the bi-encoder's: `python -m biencoder.mine`)")

@@ -29,6 +29,11 @@ def stage_dir(config_path: str | None, overrides: Sequence[str], section: str) -
     return Path(run.dir) / name
 
 
+def fill_path(template: str, run_dir: str, data_root: str) -> str:
+    """A recipe's path key with `{run_dir}` and `{data_root}` filled in: every path key takes both."""
+    return template.format(run_dir=run_dir, data_root=data_root)
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 from irbase.artifacts import atomic_write_json, model_fingerprint, to_jsonable
 from irbase.config import add_config_args, load_section, load_yaml
 from irbase.dataset import Dataset
-from irbase.runconfig import DataConfig, RunConfig
+from irbase.runconfig import DataConfig, RunConfig, fill_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ class Builder:
         corpus = Stage("corpus", ["data", "encode", "index", "bm25", "pipeline"],
                        ["pipeline.json", "corpus/index", "corpus/passages.sqlite"], action=self._corpus)
         if residual_run:  # the reranker learns what the served first stage misses: that stage comes first
-            run_file = Path(residual_run.format(run_dir=self.run.dir))
+            run_file = Path(fill_path(residual_run, self.run.dir, self.data.root))
             if run_file.name != "run.trec":
                 raise SystemExit(f"crossencoder.residual.run: {residual_run} must name a run.trec, the file "
                                  "python -m benchmarks.run writes into its --out folder")
