@@ -11,8 +11,10 @@ Two grid searches, each keeping the best recall@1 (MRR@10 breaks ties), on the s
    first-stage score + w x the reranker's z-scored score (w 0: the first stage alone; none: the
    reranker alone).
 The chosen weights and `fusion: score` are written into the run's pipeline.json (unless --no-write), so
-`Retriever()` serves them; benchmarks.sweep then picks the depth with them. Fit on a tuning split
-(dev-large), judge on dev. Writes fusion.json into --out (default <run>/benchmarks/fusion-<split>).
+`Retriever()` serves them. The build runs this with --depth 0 (the BM25 weight only): benchmarks.sweep then
+fits the reranker weight together with the depth. The grid at one depth stays here for experiments with
+--reranker. Fit on a tuning split (dev-large), judge on dev. Writes fusion.json into --out (default
+<run>/benchmarks/fusion-<split>).
 """
 from __future__ import annotations
 

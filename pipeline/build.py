@@ -5,9 +5,9 @@
 [slice (when the config has a `slice` section: configs/smoke.yaml),] base-lm, bm25-negatives, biencoder
 (round 1), mine, biencoder-r2, corpus (encoding, HNSW index, passage store), [first-stage-train (the
 hybrid first stage on the train queries, when crossencoder.residual.run names its run),] crossencoder,
-export, reranker (the served cross-encoder recorded in the run), fusion (score-fusion weights fitted on
-dev-large, written into the run), sweep (rerank depth and variant against p95, written into the run),
-benchmark (`Retriever()` on dev). A stage whose recorded key
+export, reranker (the served cross-encoder recorded in the run), fusion (the first stage's BM25 weight fitted
+on dev-large, written into the run), sweep (rerank depth, variant and reranker weight fitted together on
+dev-large against p95, written into the run), benchmark (`Retriever()` on dev). A stage whose recorded key
 (its command, the config sections it reads, and the keys of the stages before it) is unchanged and whose
 outputs exist is skipped; an interrupted stage is simply run again and resumes (training from its last
 checkpoint, encoding from its last finished shard). Stage records live in <run.dir>/stages/.
@@ -40,10 +40,11 @@ class BuildConfig:
         "biencoder.name=biencoder-r2", "biencoder.init_from={run_dir}/biencoder/model",
         'biencoder.negatives.files=["{run_dir}/negatives.biencoder.tsv","{data_root}/negatives.train.tsv"]'])
     benchmark_split: str = "dev"
-    fusion: list[str] = field(default_factory=lambda: [      # arguments of python -m benchmarks.fusion
-        "--split", "dev-large", "--sample", "1000"])
-    sweep: list[str] = field(default_factory=lambda: [       # arguments of python -m benchmarks.sweep
-        "--sample", "100", "--depths", "0", "5", "10", "20", "30", "50", "--variants", "int8", "fp32"])
+    fusion: list[str] = field(default_factory=lambda: [      # arguments of python -m benchmarks.fusion: the
+        "--split", "dev-large", "--sample", "1000", "--depth", "0"])  # first stage's BM25 weight
+    sweep: list[str] = field(default_factory=lambda: [       # arguments of python -m benchmarks.sweep: depth,
+        "--split", "dev-large", "--sample", "1000", "--latency-sample", "100",  # variant and reranker weight
+        "--depths", "0", "5", "10", "20", "30", "50", "--variants", "int8", "fp32"])
 
 
 @dataclass
@@ -106,17 +107,15 @@ class Builder:
         else:
             self.stages += first_stage + reranker + [corpus]
         self.stages += [
-            Stage("fusion", ["data", "build.fusion", "pipeline"], [f"benchmarks/fusion-{self._fusion_split()}"],
+            Stage("fusion", ["data", "build.fusion", "pipeline"],
+                  [f"benchmarks/fusion-{_split(self.build.fusion, 'dev-large')}"],
                   cli("benchmarks.fusion", *self.build.fusion)),
-            Stage("sweep", ["data", "build.sweep", "pipeline"], [f"benchmarks/sweep-{self.build.benchmark_split}"],
-                  cli("benchmarks.sweep", "--split", self.build.benchmark_split, *self.build.sweep)),
+            Stage("sweep", ["data", "build.sweep", "pipeline"],
+                  [f"benchmarks/sweep-{_split(self.build.sweep, self.data.dev_split)}"],
+                  cli("benchmarks.sweep", *self.build.sweep)),
             Stage("benchmark", ["data", "benchmark", "pipeline"], [f"benchmarks/pipeline-{self.build.benchmark_split}"],
                   cli("benchmarks.run", "--system", "pipeline", "--split", self.build.benchmark_split)),
         ]
-
-    def _fusion_split(self) -> str:
-        args = self.build.fusion
-        return args[args.index("--split") + 1] if "--split" in args[:-1] else "dev-large"
 
     def _section(self, dotted: str):
         node = self.raw
@@ -219,6 +218,11 @@ class Builder:
             atomic_write_json(record_path, {"key": key, "seconds": seconds, "finished": time.time()})
             summary.append({"stage": stage.name, "status": "ran", "seconds": seconds})
         return summary
+
+
+def _split(args: Sequence[str], default: str) -> str:
+    """The --split a stage's benchmark arguments name (where its outputs go)."""
+    return args[args.index("--split") + 1] if "--split" in args[:-1] else default
 
 
 def print_summary(summary: list[dict], run_dir: Path, split: str) -> None:

@@ -1,5 +1,5 @@
-"""What a built run serves with, kept in <run>/pipeline.json: written by `pipeline.build`, its fusion
-weights rewritten by `benchmarks.fusion` and its depth and variant by `benchmarks.sweep`, read by
+"""What a built run serves with, kept in <run>/pipeline.json: written by `pipeline.build`, its BM25 weight
+rewritten by `benchmarks.fusion` and its depth, variant and reranker weight by `benchmarks.sweep`, read by
 `Retriever()`."""
 from __future__ import annotations
 

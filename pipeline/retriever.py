@@ -194,6 +194,16 @@ class Retriever:
         timings["total"] = (time.perf_counter() - start) * 1000.0
         return SearchResponse(results, timings, len(reranked), depth, cut)
 
+    def candidates(self, query: str, n: int) -> tuple[list[str], list[float]]:
+        """The first stage's top n ids and scores, before any reranking: what benchmarks.sweep reranks offline
+        to fit the depth and the reranker weight together."""
+        check_query(query, n)
+        if self.index is None:
+            raise ArtifactError(f"{self.run_dir} has no corpus yet: call embed_and_store_corpus(path) or run "
+                                f"{BUILD_HINT}")
+        vector = self.model.encode([query], "query", bf16=self.serving.query_bf16)
+        return self._first_stage(query, vector, n, {})
+
     def _first_stage(self, query: str, vector, wanted: int, timings: dict[str, float]) -> tuple[list[str], list[float]]:
         """The top `wanted` candidates and their first-stage scores."""
         t = time.perf_counter()

@@ -353,25 +353,65 @@ def test_sweep_choice_respects_the_budget_margin():
     assert choose(rows, 100.0, 0.8)["depth"] == 0
 
 
+@pytest.mark.parametrize("fusion", ["rrf", "score"])
+def test_sweep_offline_rankings_are_what_the_retriever_serves(retriever, fusion):
+    """The sweep fits depth and weight from one first-stage pass and shared reranker batches; every (depth,
+    weight) must rank exactly as Retriever with that depth and weight (batches of 2: depth 3 and 5 share one)."""
+    from benchmarks.sweep import batches, offline_runs
+
+    assert batches(5, 2) == [(0, 2), (2, 4), (4, 5)] and batches(0, 2) == []
+    base = replace_serving(retriever, fusion=fusion, bm25_weight=0.3, latency_budget_ms=float("inf"))
+    queries = sorted(QUERIES.items())
+    runs = offline_runs(base, queries, [0, 3, 5], [None, 0.0, 0.5], k=6)
+    assert set(runs) == {(0, None), *((d, w) for d in (3, 5) for w in (None, 0.0, 0.5))}
+    for (depth, weight), run in runs.items():
+        served = replace_serving(base, rerank_weight=weight)
+        for qid, text in queries:
+            response = served.search_detailed(text, 6, depth=depth)
+            assert run[qid] == [r.document_id for r in response.results], (depth, weight, qid)
+
+
+def test_sweep_latency_stops_a_variant_at_its_first_depth_over_the_limit(retriever):
+    from benchmarks.sweep import measure_latency
+
+    queries = sorted(QUERIES.items())
+    rows = measure_latency({"fp32": retriever}, queries, [0, 2, 4], limit_ms=float("inf"), k=5, warmup=1)
+    assert [(r["variant"], r["depth"]) for r in rows] == [("none", 0), ("fp32", 2), ("fp32", 4)]
+    assert [r["reranked_per_query"] for r in rows] == [0, 2, 4] and rows[0]["latency_ms"]["n"] == len(queries)
+    assert [r["depth"] for r in measure_latency({"fp32": retriever}, queries, [0, 2, 4], 0.0, k=5, warmup=0)] == [0]
+
+
 def test_sweep_cli_writes_table_plot_and_choice(tmp_path, tiny_run):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     data = tmp_path / "data"
-    shutil.copy(tiny_run.parent / "data" / "collection.tsv", data / "collection.tsv") if data.exists() else \
-        shutil.copytree(tiny_run.parent / "data", data)
+    shutil.copytree(tiny_run.parent / "data", data)
     from tests.conftest import QRELS
     write_tsv(data / "queries.dev.tsv", QUERIES.items())
     write_tsv(data / "qrels.dev.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--run", str(run), "--data", str(data),
-                          "--split", "dev", "--depths", "0", "2", "4", "--variants", "fp32"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+                          "--split", "dev", "--depths", "2", "4", "--variants", "fp32", "--rerank-weights", "0", "1",
+                          "--latency-sample", "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = json.loads((run / "benchmarks" / "sweep-dev" / "sweep.json").read_text())
-    assert [(r["variant"], r["depth"]) for r in sweep["rows"]] == [("none", 0), ("fp32", 2), ("fp32", 4)]
+    rows = sweep["rows"]
+    assert [(r["variant"], r["depth"]) for r in rows] == [("none", 0), ("fp32", 2), ("fp32", 4)]  # 0 always
+    assert all(r["latency_ms"]["n"] == 3 and r["queries"] == len(QUERIES) for r in rows)
+    for r in rows[1:]:  # each depth keeps its best weight of the grid (none: the reranker alone)
+        assert [w["rerank_weight"] for w in r["weights"]] == [None, 0.0, 1.0]
+        best = max(r["weights"], key=lambda w: (w["recall@1"], w["mrr@10"]))
+        assert (r["rerank_weight"], r["recall@1"]) == (best["rerank_weight"], best["recall@1"])
+        at_zero = next(w for w in r["weights"] if w["rerank_weight"] == 0.0)  # weight 0: the first stage's order
+        assert (at_zero["recall@1"], at_zero["mrr@10"]) == (rows[0]["recall@1"], rows[0]["mrr@10"])
+    choice = sweep["choice"]
+    chosen = next(r for r in rows if r["depth"] == choice["depth"])
+    assert choice["gain_over_depth_0"]["difference"] == pytest.approx(chosen["recall@1"] - rows[0]["recall@1"])
     assert (run / "benchmarks" / "sweep-dev" / "sweep.png").stat().st_size > 1000
     record = json.loads((run / "pipeline.json").read_text())
-    assert record["serving"]["depth"] == sweep["choice"]["depth"] and record["sweep"] == sweep["choice"]
+    assert record["serving"]["depth"] == choice["depth"] and record["sweep"] == choice
+    assert record["serving"]["rerank_weight"] == choice["rerank_weight"]
+    assert "recall@1 minus depth 0" in out.stdout
 
 
 def test_fusion_cli_fits_both_weights_and_writes_them_into_the_run(tmp_path, tiny_run):
