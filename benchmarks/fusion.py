@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from copy import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -33,10 +35,11 @@ from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig, RunConfig
 
 from benchmarks.harness import select_queries
+from benchmarks.offline import offline_runs
 from benchmarks.stats import paired_test, per_query_values
 from crossencoder.runtime import OnnxReranker
 from pipeline.config import RunRecord
-from pipeline.fusion import linear_fusion, reciprocal_rank_fusion, rerank_by_score
+from pipeline.fusion import linear_fusion, reciprocal_rank_fusion
 from pipeline.retriever import Retriever
 
 log = logging.getLogger(__name__)
@@ -85,25 +88,15 @@ def fit(retriever: Retriever, queries: list[tuple[str, str]], qrels, depth: int,
         first_rows.append({"bm25_weight": w, **_means(run, qrels)})
     bm25_weight = _best(first_rows)["bm25_weight"]
 
-    first = {q: linear_fusion(u, d, b, bm25_weight) for q, (u, d, b, _) in features.items()}
+    first_run = {q: [p for p, _ in linear_fusion(u, d, b, bm25_weight)] for q, (u, d, b, _) in features.items()}
     rerank_rows, runs = [], {}
-    if depth > 0:
-        reranker = retriever.reranker
-        ce = {}
-        for qid, text in tqdm(queries, desc=f"reranking top {depth}", unit="q"):
-            head = [p for p, _ in first[qid][:depth]]
-            texts = retriever.store.get_many(head)
-            ce[qid] = [float(s) for s in reranker.score(text, [texts[p] for p in head])]
-        for w in [None, *rerank_weights]:
-            run = {}
-            for qid, ranked in first.items():
-                head, rest = ranked[:depth], ranked[depth:]
-                order = rerank_by_score([p for p, _ in head], [s for _, s in head], ce[qid], w)
-                run[qid] = [p for p, _ in order] + [p for p, _ in rest]
-            rerank_rows.append({"rerank_weight": w, **_means(run, qrels)})
-            runs[w] = run
+    if depth > 0:  # the reranked head as Retriever would serve it with the fitted BM25 weight
+        fitted = copy(retriever)
+        fitted.serving = replace(serving, first_stage="hybrid", fusion="score", bm25_weight=bm25_weight)
+        weights = [None, *rerank_weights]
+        runs = {w: run for (_, w), run in offline_runs(fitted, queries, [depth], weights, k=serving.candidates).items()}
+        rerank_rows = [{"rerank_weight": w, **_means(runs[w], qrels)} for w in weights]
     rerank_weight = _best(rerank_rows)["rerank_weight"] if rerank_rows else serving.rerank_weight
-    first_run = {q: [p for p, _ in ranked] for q, ranked in first.items()}
     gain = _gain(first_run, runs[rerank_weight], qrels) if rerank_rows else None
     return {"rrf": rrf_row, "first_stage": first_rows, "rerank": rerank_rows, "bm25_weight": bm25_weight,
             "rerank_weight": rerank_weight, "rerank_gain": gain}

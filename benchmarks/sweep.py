@@ -38,9 +38,9 @@ from irbase.runconfig import DataConfig, RunConfig
 
 from benchmarks.fusion import RERANK_WEIGHTS
 from benchmarks.harness import latency_summary, select_queries
+from benchmarks.offline import offline_runs
 from benchmarks.stats import paired_test, per_query_values
 from pipeline.config import RunRecord
-from pipeline.fusion import fuse_reranked
 from pipeline.retriever import Retriever
 
 log = logging.getLogger(__name__)
@@ -70,50 +70,6 @@ def measure_latency(retrievers: dict[str, Retriever], queries: list[tuple[str, s
             if rows[-1]["latency_ms"]["p95"] > limit_ms:
                 break
     return rows
-
-
-def batches(depth: int, size: int) -> list[tuple[int, int]]:
-    """The [start, end) rank ranges `Retriever` reranks `depth` candidates in, one reranker call each."""
-    return [(start, min(start + size, depth)) for start in range(0, depth, size)]
-
-
-def offline_runs(retriever: Retriever, queries: list[tuple[str, str]], depths: Sequence[int],
-                 weights: Sequence[float | None], k: int = 100,
-                 first: dict[int, dict[str, tuple[list[str], list[float]]]] | None = None,
-                 ) -> dict[tuple[int, float | None], dict[str, list[str]]]:
-    """The ranking `Retriever(depth=d, rerank_weight=w).search(q, k)` returns (with no deadline), for every
-    depth d and weight w (depth 0: the first stage, keyed by weight None), from one first-stage pass and
-    one reranker call per distinct batch. `first` caches the first stage across calls (variants)."""
-    serving = retriever.serving
-    first = {} if first is None else first
-    for wanted in sorted({max(k, serving.candidates, d) for d in depths} - set(first)):
-        first[wanted] = {qid: retriever.candidates(text, wanted)
-                         for qid, text in tqdm(queries, desc=f"first stage, top {wanted}", unit="q")}
-    scores: dict[tuple[str, int, int, int], list[float]] = {}
-    if any(depths):
-        for qid, text in tqdm(queries, desc=f"reranking ({serving.variant})", unit="q"):
-            for depth in [d for d in depths if d > 0]:
-                wanted = max(k, serving.candidates, depth)
-                pids = first[wanted][qid][0]
-                spans = [s for s in batches(min(depth, len(pids)), serving.rerank_batch)
-                         if (qid, wanted, *s) not in scores]
-                texts = retriever.store.get_many(pids[:max((end for _, end in spans), default=0)])
-                for start, end in spans:
-                    batch = [texts[p] for p in pids[start:end]]
-                    scores[(qid, wanted, start, end)] = [float(s) for s in retriever.reranker.score(text, batch)]
-    runs = {}
-    for depth in depths:
-        wanted = max(k, serving.candidates, depth)
-        for weight in (weights if depth else [None]):
-            run = {}
-            for qid, _ in queries:
-                pids, first_scores = first[wanted][qid]
-                head = min(depth, len(pids))
-                ce = [s for span in batches(head, serving.rerank_batch) for s in scores[(qid, wanted, *span)]]
-                order = fuse_reranked(serving.fusion, pids[:head], first_scores[:head], ce, weight, serving.fusion_k)
-                run[qid] = ([p for p, _ in order] + pids[head:])[:k]
-            runs[(depth, weight)] = run
-    return runs
 
 
 def quality(runs: dict[tuple[int, float | None], dict[str, list[str]]], qrels) -> dict[int, dict]:

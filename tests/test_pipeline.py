@@ -357,7 +357,7 @@ def test_sweep_choice_respects_the_budget_margin():
 def test_sweep_offline_rankings_are_what_the_retriever_serves(retriever, fusion):
     """The sweep fits depth and weight from one first-stage pass and shared reranker batches; every (depth,
     weight) must rank exactly as Retriever with that depth and weight (batches of 2: depth 3 and 5 share one)."""
-    from benchmarks.sweep import batches, offline_runs
+    from benchmarks.offline import batches, offline_runs
 
     assert batches(5, 2) == [(0, 2), (2, 4), (4, 5)] and batches(0, 2) == []
     base = replace_serving(retriever, fusion=fusion, bm25_weight=0.3, latency_budget_ms=float("inf"))
