@@ -94,7 +94,12 @@ def fit(retriever: Retriever, queries: list[tuple[str, str]], qrels, depth: int,
         fitted = copy(retriever)
         fitted.serving = replace(serving, first_stage="hybrid", fusion="score", bm25_weight=bm25_weight)
         weights = [None, *rerank_weights]
-        runs = {w: run for (_, w), run in offline_runs(fitted, queries, [depth], weights, k=serving.candidates).items()}
+        known = {}  # the first stage computed above is Retriever's when no deeper list is asked for
+        if depth <= serving.candidates:
+            top = {q: linear_fusion(u, d, b, bm25_weight)[:serving.candidates] for q, (u, d, b, _) in features.items()}
+            known[serving.candidates] = {q: ([p for p, _ in r], [s for _, s in r]) for q, r in top.items()}
+        runs = {w: run for (_, w), run in offline_runs(fitted, queries, [depth], weights, serving.candidates,
+                                                       known).items()}
         rerank_rows = [{"rerank_weight": w, **_means(runs[w], qrels)} for w in weights]
     rerank_weight = _best(rerank_rows)["rerank_weight"] if rerank_rows else serving.rerank_weight
     gain = _gain(first_run, runs[rerank_weight], qrels) if rerank_rows else None

@@ -33,15 +33,12 @@ def offline_runs(retriever: Retriever, queries: list[tuple[str, str]], depths: S
     scores: dict[tuple[str, int, int, int], list[float]] = {}
     if any(depths):
         for qid, text in tqdm(queries, desc=f"reranking ({serving.variant})", unit="q"):
-            for depth in [d for d in depths if d > 0]:
-                wanted = max(k, serving.candidates, depth)
-                pids = first[wanted][qid][0]
-                spans = [s for s in batches(min(depth, len(pids)), serving.rerank_batch)
-                         if (qid, wanted, *s) not in scores]
-                texts = retriever.store.get_many(pids[:max((end for _, end in spans), default=0)])
-                for start, end in spans:
-                    batch = [texts[p] for p in pids[start:end]]
-                    scores[(qid, wanted, start, end)] = [float(s) for s in retriever.reranker.score(text, batch)]
+            spans = {(wanted, *span) for d in depths if d > 0 for wanted in [max(k, serving.candidates, d)]
+                     for span in batches(min(d, len(first[wanted][qid][0])), serving.rerank_batch)}
+            texts = retriever.store.get_many(list({p for w, s, e in spans for p in first[w][qid][0][s:e]}))
+            for wanted, start, end in spans:
+                batch = [texts[p] for p in first[wanted][qid][0][start:end]]
+                scores[(qid, wanted, start, end)] = [float(s) for s in retriever.reranker.score(text, batch)]
     runs = {}
     for depth in depths:
         wanted = max(k, serving.candidates, depth)
