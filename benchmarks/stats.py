@@ -33,6 +33,14 @@ def per_query_values(per_query: Mapping[str, Mapping[str, float]], metric: str,
     return np.asarray([per_query[q][metric] for q in qids], dtype=np.float64)
 
 
+def standard_error(values: np.ndarray) -> float:
+    """Standard error of the mean over queries (sample standard deviation / sqrt(n))."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        raise ValueError(f"a standard error needs at least 2 values, got {values.size}")
+    return float(values.std(ddof=1) / np.sqrt(values.size))
+
+
 def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 13,
                        level: float = 0.95) -> Interval:
     """Percentile bootstrap of the mean, resampling queries with replacement."""

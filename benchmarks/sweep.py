@@ -2,7 +2,7 @@
 
     python -m benchmarks.sweep --run runs/mini --split dev-large --sample 1000 [--latency-sample 100]
                                [--depths 0 5 10 20 30 50] [--variants fp32 int8] [--rerank-weights ...]
-                               [--margin 0.8] [--no-write]
+                               [--margin 0.8] [--rule one-se|best] [--no-write]
 
 Two measurements on the tuning split, then one choice:
 1. Latency. Each (variant, depth) serves --latency-sample queries one at a time after a warm-up, with no
@@ -13,8 +13,11 @@ Two measurements on the tuning split, then one choice:
    batch's activations together, so a batch's scores depend on its company), and a batch that two depths
    share is scored once. Every reranker weight of the grid reorders those scores offline, exactly as
    `Retriever` with that depth and weight would (a test checks it), and each (variant, depth) keeps its best.
-The best recall@1 (then MRR@10, then the lower p95) within margin x budget is written into the run's
-pipeline.json: depth, variant and rerank_weight. Its paired gain over depth 0 is printed and recorded.
+Among the rows whose p95 stays within margin x budget, --rule one-se (default) takes the fastest whose recall@1
+is within one paired standard error of the best's (a lead of a few queries among many configurations is
+mostly noise, and latency headroom is not); --rule best takes the best recall@1 (then MRR@10, then the lower
+p95). The choice is written into the run's pipeline.json: depth, variant and rerank_weight. Its paired gain
+over depth 0 is printed and recorded.
 Depth and weight are fitted together on many queries of a tuning split (dev-large), so dev stays a test.
 Writes sweep.json and sweep.png into --out (default <run>/benchmarks/sweep-<split>).
 """
@@ -39,7 +42,7 @@ from irbase.runconfig import DataConfig, RunConfig
 from benchmarks.fusion import RERANK_WEIGHTS
 from benchmarks.harness import latency_summary, select_queries
 from benchmarks.offline import offline_runs
-from benchmarks.stats import paired_test, per_query_values
+from benchmarks.stats import paired_test, per_query_values, standard_error
 from pipeline.config import RunRecord
 from pipeline.retriever import Retriever
 
@@ -95,11 +98,31 @@ def choose(rows: list[dict], budget_ms: float, margin: float) -> dict:
     return max(allowed, key=lambda r: (round(r["recall@1"], 6), round(r["mrr@10"], 6), -r["latency_ms"]["p95"]))
 
 
+def one_standard_error(rows: list[dict], per_query: dict[tuple[str, int], dict], qids: Sequence[str],
+                       best: dict, budget_ms: float, margin: float) -> dict:
+    """The fastest row (lowest p95, then best recall@1) whose recall@1 is within one standard error of the
+    paired difference from the best's. Among a handful of configurations the best on 1,000 queries wins
+    partly by noise (its lead of a few queries would not repeat), while a lower p95 keeps its headroom on a
+    slower or busier machine: the one-standard-error rule of model selection (Hastie et al., ESL 7.10).
+    Each row gets `behind_best` (difference and its standard error)."""
+    reference = per_query_values(per_query[(best["variant"], best["depth"])], "recall@1", qids)
+    eligible = []
+    for row in rows:
+        if "recall@1" not in row or row["latency_ms"]["p95"] > margin * budget_ms:
+            continue
+        diff = reference - per_query_values(per_query[(row["variant"], row["depth"])], "recall@1", qids)
+        row["behind_best"] = {"difference": float(diff.mean()), "standard_error": standard_error(diff)}
+        if row["behind_best"]["difference"] <= row["behind_best"]["standard_error"] + 1e-12:
+            eligible.append(row)
+    return min(eligible, key=lambda r: (r["latency_ms"]["p95"], -r["recall@1"]))
+
+
 def sweep(retrievers: dict[str, Retriever], queries: list[tuple[str, str]], latency_queries: list[tuple[str, str]],
           qrels, depths: Sequence[int], weights: Sequence[float | None], budget_ms: float, margin: float,
-          k: int = 100) -> tuple[list[dict], dict]:
-    """Latency rows, each within the margin with its quality on `queries` at its best weight; and the choice,
-    with its paired recall@1 gain over depth 0 on the same queries."""
+          k: int = 100, rule: str = "one-se") -> tuple[list[dict], dict]:
+    """Latency rows, each within the margin with its quality on `queries` at its best weight; and the choice
+    (`rule` best: the best recall@1; one-se: see one_standard_error), with its paired recall@1 gain over
+    depth 0 on the same queries."""
     limit_ms = margin * budget_ms
     rows = measure_latency(retrievers, latency_queries, sorted({0, *depths}), limit_ms, k)
     metrics = ("recall@1", "mrr@10", "recall@100")
@@ -114,12 +137,18 @@ def sweep(retrievers: dict[str, Retriever], queries: list[tuple[str, str]], late
             if depth:
                 row.update(rerank_weight=entry["best"]["rerank_weight"], weights=entry["weights"])
             per_query[(row["variant"], depth)] = entry["per_query"]
-    chosen = choose(rows, budget_ms, margin)
     qids = sorted(q for q, _ in queries)
+    chosen = best = choose(rows, budget_ms, margin)
+    if rule == "one-se":
+        chosen = one_standard_error(rows, per_query, qids, best, budget_ms, margin)
+    elif rule != "best":
+        raise ValueError(f"rule must be best or one-se, got {rule!r}")
     test = paired_test(per_query_values(per_query[(chosen["variant"], chosen["depth"])], "recall@1", qids),
                        per_query_values(per_query[("none", 0)], "recall@1", qids))
     gain = {"difference": test.difference, "low": test.low, "high": test.high, "p_value": test.p_value}
-    return rows, {**chosen, "gain_over_depth_0": gain}
+    return rows, {**chosen, "gain_over_depth_0": gain, "rule": rule,
+                  "best": {"variant": best["variant"], "depth": best["depth"], "recall@1": best["recall@1"],
+                           "p95_ms": best["latency_ms"]["p95"]}}
 
 
 def plot(rows: list[dict], budget_ms: float, margin: float, path: Path, chosen: dict) -> None:
@@ -163,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-sample", type=int, default=100,
                         help="queries of that subset timed per (variant, depth)")
     parser.add_argument("--margin", type=float, default=0.8, help="p95 must stay within margin x budget")
+    parser.add_argument("--rule", choices=["one-se", "best"], default="one-se",
+                        help="best: the best recall@1 within the margin; one-se: the fastest within one standard "
+                             "error of it")
     parser.add_argument("--out", help="default: <run>/benchmarks/sweep-<split>")
     parser.add_argument("--no-write", action="store_true", help="do not write the choice into the run")
     add_config_args(parser)
@@ -191,12 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     timed = queries if args.latency_sample >= len(queries) else \
         sorted(random.Random(13).sample(queries, args.latency_sample))
     weights = [None, *args.rerank_weights]
-    rows, chosen = sweep(retrievers, queries, timed, dataset.qrels, args.depths, weights, budget, args.margin)
+    rows, chosen = sweep(retrievers, queries, timed, dataset.qrels, args.depths, weights, budget, args.margin,
+                         rule=args.rule)
 
     print(f"\n{args.split}: quality on {len(queries)} queries at each depth's best reranker weight, latency on "
           f"{len(timed)} of them")
     print(f"{'variant':<8} {'depth':>5} {'weight':>6} {'R@1':>7} {'MRR@10':>7} {'R@100':>7} {'p50':>7} {'p95':>7} "
-          f"{'p99':>7}")
+          f"{'p99':>7} {'best-R@1 (se)':>15}")
     for r in rows:
         lat = r["latency_ms"]
         mark = "  <- chosen" if (r["variant"], r["depth"]) == (chosen["variant"], chosen["depth"]) else ""
@@ -204,8 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "alone" if r["rerank_weight"] is None else f"{r['rerank_weight']:.2f}"
         quality_cells = (f"{r['recall@1']:>7.4f} {r['mrr@10']:>7.4f} {r['recall@100']:>7.4f}" if "recall@1" in r
                          else f"{'p95 over ' + str(round(args.margin * budget)) + ' ms':>23}")
+        behind = f"{r['behind_best']['difference']:+.4f} ({r['behind_best']['standard_error']:.4f})" \
+            if "behind_best" in r else ""
         print(f"{r['variant']:<8} {r['depth']:>5} {weight:>6} {quality_cells} {lat['p50']:>7.1f} {lat['p95']:>7.1f} "
-              f"{lat['p99']:>7.1f}{mark}")
+              f"{lat['p99']:>7.1f} {behind:>15}{mark}")
     gain = chosen["gain_over_depth_0"]
     out = Path(args.out or run_dir / "benchmarks" / f"sweep-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "rerank_weight": chosen["rerank_weight"] if reranks else record.serving.rerank_weight,
               "recall@1": chosen["recall@1"], "p95_ms": chosen["latency_ms"]["p95"], "budget_ms": budget,
               "margin": args.margin, "split": args.split, "queries": len(queries), "latency_queries": len(timed),
-              "gain_over_depth_0": gain}
+              "rule": args.rule, "best": chosen["best"], "gain_over_depth_0": gain}
     atomic_write_json(out / "sweep.json", {"rows": rows, "choice": choice, "dataset": dataset.describe(),
                                            "environment": environment()})
     plot(rows, budget, args.margin, out / "sweep.png", chosen)
@@ -227,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if reranks else "depth 0 (no reranking)")
           + f" (recall@1 {choice['recall@1']:.4f}, p95 {choice['p95_ms']:.0f} ms <= {args.margin} x {budget:.0f} ms)"
           + ("" if args.no_write else f", written to {run_dir / 'pipeline.json'}"))
+    best = chosen["best"]
+    if args.rule == "one-se":
+        print(f"best recall@1: {best['variant']} depth {best['depth']} ({best['recall@1']:.4f}, p95 "
+              f"{best['p95_ms']:.0f} ms); chosen as the fastest within one standard error of it")
     print(f"recall@1 minus depth 0 on the same {len(queries)} queries: {gain['difference']:+.4f} "
           f"[{gain['low']:+.4f}, {gain['high']:+.4f}], p {gain['p_value']:.4f}")
     print(f"wrote {out}/sweep.json, sweep.png")

@@ -353,6 +353,40 @@ def test_sweep_choice_respects_the_budget_margin():
     assert choose(rows, 100.0, 0.8)["depth"] == 0
 
 
+def test_sweep_one_standard_error_rule_takes_the_fastest_row_within_noise_of_the_best():
+    """20 queries. int8 depth 5 trails the best by 0.05 (loses 3 of its hits, gains 2): the paired
+    differences have sd sqrt((5 - 20 x 0.05^2) / 19) = 0.5104, so one standard error is 0.1141 and it is
+    eligible; depth 0 trails by 0.2 with SE sqrt((4 - 20 x 0.2^2) / 19) / sqrt(20) = 0.0918 and is not."""
+    from benchmarks.sweep import choose, one_standard_error
+
+    qids = [f"q{i:02d}" for i in range(20)]
+    best_hits = [1.0] * 16 + [0.0] * 4
+    hits = {("fp32", 20): best_hits,
+            ("int8", 5): [0.0] * 3 + [1.0] * 13 + [1.0] * 2 + [0.0] * 2,
+            ("none", 0): [0.0] * 4 + [1.0] * 12 + [0.0] * 4,
+            ("int8", 50): [1.0] * 20}
+    per_query = {key: {q: {"recall@1": v} for q, v in zip(qids, values)} for key, values in hits.items()}
+    p95 = {("fp32", 20): 750.0, ("int8", 5): 150.0, ("none", 0): 30.0, ("int8", 50): 900.0}
+    rows = [{"variant": v, "depth": d, "recall@1": sum(hits[(v, d)]) / 20, "mrr@10": sum(hits[(v, d)]) / 20,
+             "latency_ms": {"p95": p95[(v, d)]}} for v, d in hits]
+    best = choose(rows, 1000.0, 0.8)
+    assert (best["variant"], best["depth"], best["recall@1"]) == ("fp32", 20, 0.8)
+    chosen = one_standard_error(rows, per_query, qids, best, 1000.0, 0.8)
+    assert (chosen["variant"], chosen["depth"]) == ("int8", 5)
+    by_key = {(r["variant"], r["depth"]): r for r in rows}
+    assert by_key[("int8", 5)]["behind_best"]["difference"] == pytest.approx(0.05)
+    assert by_key[("int8", 5)]["behind_best"]["standard_error"] == pytest.approx(0.114132, abs=1e-5)
+    assert by_key[("none", 0)]["behind_best"] == pytest.approx({"difference": 0.2, "standard_error": 0.091766},
+                                                              abs=1e-5)
+    assert by_key[("fp32", 20)]["behind_best"] == {"difference": 0.0, "standard_error": 0.0}
+    assert "behind_best" not in by_key[("int8", 50)]  # over the margin: never a candidate
+    # four more lost hits put int8 depth 5 out of reach (0.25 > SE 0.1428): the best itself is the fastest left
+    for q in ("q12", "q13", "q14", "q15"):
+        per_query[("int8", 5)][q]["recall@1"] = 0.0
+    chosen = one_standard_error(rows, per_query, qids, best, 1000.0, 0.8)
+    assert (chosen["variant"], chosen["depth"]) == ("fp32", 20)
+
+
 @pytest.mark.parametrize("fusion", ["rrf", "score"])
 def test_sweep_offline_rankings_are_what_the_retriever_serves(retriever, fusion):
     """The sweep fits depth and weight from one first-stage pass and shared reranker batches; every (depth,
@@ -407,6 +441,14 @@ def test_sweep_cli_writes_table_plot_and_choice(tmp_path, tiny_run):
     choice = sweep["choice"]
     chosen = next(r for r in rows if r["depth"] == choice["depth"])
     assert choice["gain_over_depth_0"]["difference"] == pytest.approx(chosen["recall@1"] - rows[0]["recall@1"])
+    allowed = [r for r in rows if "behind_best" in r]  # the rows within the latency margin
+    best = max(allowed, key=lambda r: (r["recall@1"], r["mrr@10"], -r["latency_ms"]["p95"]))
+    assert choice["rule"] == "one-se" and (choice["best"]["variant"], choice["best"]["depth"]) == \
+        (best["variant"], best["depth"])
+    assert chosen["latency_ms"]["p95"] <= best["latency_ms"]["p95"]  # the fastest within one SE of the best
+    assert chosen["behind_best"]["difference"] <= chosen["behind_best"]["standard_error"] + 1e-12
+    assert all(r["latency_ms"]["p95"] >= chosen["latency_ms"]["p95"] for r in allowed
+               if r["behind_best"]["difference"] <= r["behind_best"]["standard_error"])
     assert (run / "benchmarks" / "sweep-dev" / "sweep.png").stat().st_size > 1000
     record = json.loads((run / "pipeline.json").read_text())
     assert record["serving"]["depth"] == choice["depth"] and record["sweep"] == choice
