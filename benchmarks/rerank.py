@@ -84,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=100, help="candidates reranked per query")
     parser.add_argument("--first", nargs="+", default=["bm25", "pipeline-dense"],
                         help="first stages (harness systems; pipeline-dense: the run's bi-encoder and HNSW index)")
-    parser.add_argument("--backends", nargs="+", default=["torch", "fp32", "int8"])
+    parser.add_argument("--backends", nargs="+", default=["torch", "fp32", "int8"],
+                        choices=["torch", "fp32", "int8", "fp16"],
+                        help="config overrides go before this list, or it takes them for backends")
     parser.add_argument("--latency-queries", type=int, default=10,
                         help="queries timed per candidate count (0: no timing)")
     parser.add_argument("--fusion-weights", type=float, nargs="*", default=[],
