@@ -34,11 +34,12 @@ def per_query_values(per_query: Mapping[str, Mapping[str, float]], metric: str,
 
 
 def standard_error(values: np.ndarray) -> float:
-    """Standard error of the mean over queries (sample standard deviation / sqrt(n))."""
+    """Standard error of the mean over queries (sample standard deviation / sqrt(n)); 0 for a single value,
+    whose noise cannot be measured (a one-query sweep then compares point estimates)."""
     values = np.asarray(values, dtype=np.float64)
-    if values.size < 2:
-        raise ValueError(f"a standard error needs at least 2 values, got {values.size}")
-    return float(values.std(ddof=1) / np.sqrt(values.size))
+    if values.size == 0:
+        raise ValueError("no values for a standard error")
+    return float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else 0.0
 
 
 def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 13,

@@ -2,7 +2,7 @@
 
     python -m benchmarks.sweep --run runs/mini --split dev-large --sample 1000 [--latency-sample 100]
                                [--depths 0 5 10 20 30 50] [--variants fp32 int8] [--rerank-weights ...]
-                               [--margin 0.8] [--rule one-se|best] [--no-write]
+                               [--margin 0.8] [--rule best|one-se] [--no-write]
 
 Two measurements on the tuning split, then one choice:
 1. Latency. Each (variant, depth) serves --latency-sample queries one at a time after a warm-up, with no

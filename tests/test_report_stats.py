@@ -14,7 +14,7 @@ from tests.conftest import PASSAGES, QRELS, QUERIES, write_tsv
 
 from benchmarks.load import load_test
 from benchmarks.paired import compare_runs, main as paired_main, rank1_overlap
-from benchmarks.stats import bootstrap_interval, paired_test, per_query_values
+from benchmarks.stats import bootstrap_interval, paired_test, per_query_values, standard_error
 from benchmarks.systems import RerankedSearcher
 from pipeline.fusion import rerank_by_score, rerank_order
 
@@ -31,6 +31,11 @@ def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_queries():
     assert (constant.low, constant.high) == (1.0, 1.0)
     with pytest.raises(ValueError):
         bootstrap_interval(np.array([]))
+    # [1, 0, 0, 0]: sd sqrt((1 - 4 x 0.25^2) / 3) = 0.5, so SE 0.5 / sqrt(4) = 0.25
+    assert standard_error(np.array([1.0, 0.0, 0.0, 0.0])) == pytest.approx(0.25)
+    assert standard_error(np.array([0.7])) == 0.0
+    with pytest.raises(ValueError):
+        standard_error(np.array([]))
 
 
 def test_paired_test_cases():
