@@ -88,7 +88,8 @@ def fit(retriever: Retriever, queries: list[tuple[str, str]], qrels, depth: int,
         first_rows.append({"bm25_weight": w, **_means(run, qrels)})
     bm25_weight = _best(first_rows)["bm25_weight"]
 
-    first_run = {q: [p for p, _ in linear_fusion(u, d, b, bm25_weight)] for q, (u, d, b, _) in features.items()}
+    fused = {q: linear_fusion(u, d, b, bm25_weight) for q, (u, d, b, _) in features.items()}
+    first_run = {q: [p for p, _ in ranked] for q, ranked in fused.items()}
     rerank_rows, runs = [], {}
     if depth > 0:  # the reranked head as Retriever would serve it with the fitted BM25 weight
         fitted = copy(retriever)
@@ -96,8 +97,8 @@ def fit(retriever: Retriever, queries: list[tuple[str, str]], qrels, depth: int,
         weights = [None, *rerank_weights]
         known = {}  # the first stage computed above is Retriever's when no deeper list is asked for
         if depth <= serving.candidates:
-            top = {q: linear_fusion(u, d, b, bm25_weight)[:serving.candidates] for q, (u, d, b, _) in features.items()}
-            known[serving.candidates] = {q: ([p for p, _ in r], [s for _, s in r]) for q, r in top.items()}
+            n = serving.candidates
+            known[n] = {q: ([p for p, _ in r[:n]], [s for _, s in r[:n]]) for q, r in fused.items()}
         runs = {w: run for (_, w), run in offline_runs(fitted, queries, [depth], weights, serving.candidates,
                                                        known).items()}
         rerank_rows = [{"rerank_weight": w, **_means(runs[w], qrels)} for w in weights]

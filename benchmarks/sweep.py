@@ -99,22 +99,24 @@ def choose(rows: list[dict], budget_ms: float, margin: float) -> dict:
     return max(allowed, key=lambda r: (round(r["recall@1"], 6), round(r["mrr@10"], 6), -r["latency_ms"]["p95"]))
 
 
-def one_standard_error(rows: list[dict], per_query: dict[tuple[str, int], dict], qids: Sequence[str],
-                       best: dict, budget_ms: float, margin: float) -> dict:
-    """The fastest row (lowest p95, then best recall@1) whose recall@1 is within one standard error of the
-    paired difference from the best's. Among a handful of configurations the best on 1,000 queries wins
-    partly by noise (its lead of a few queries would not repeat), while a lower p95 keeps its headroom on a
-    slower or busier machine: the one-standard-error rule of model selection (Hastie et al., ESL 7.10).
-    Each row gets `behind_best` (difference and its standard error)."""
+def distances_from_best(rows: list[dict], per_query: dict[tuple[str, int], dict], qids: Sequence[str],
+                        best: dict, budget_ms: float, margin: float) -> None:
+    """Give each row within the margin `behind_best`: the best's recall@1 minus its own over the same queries,
+    with the standard error of that paired difference."""
     reference = per_query_values(per_query[(best["variant"], best["depth"])], "recall@1", qids)
-    eligible = []
     for row in rows:
-        if "recall@1" not in row or row["latency_ms"]["p95"] > margin * budget_ms:
-            continue
-        diff = reference - per_query_values(per_query[(row["variant"], row["depth"])], "recall@1", qids)
-        row["behind_best"] = {"difference": float(diff.mean()), "standard_error": standard_error(diff)}
-        if row["behind_best"]["difference"] <= row["behind_best"]["standard_error"] + 1e-12:
-            eligible.append(row)
+        if "recall@1" in row and row["latency_ms"]["p95"] <= margin * budget_ms:
+            diff = reference - per_query_values(per_query[(row["variant"], row["depth"])], "recall@1", qids)
+            row["behind_best"] = {"difference": float(diff.mean()), "standard_error": standard_error(diff)}
+
+
+def one_standard_error(rows: list[dict]) -> dict:
+    """The fastest row (lowest p95, then best recall@1) whose `behind_best` difference is within one standard
+    error. Among a handful of configurations the best on 1,000 queries wins partly by noise (its lead of a few
+    queries would not repeat), while a lower p95 keeps its headroom on a slower or busier machine: the
+    one-standard-error rule of model selection (Hastie et al., ESL 7.10)."""
+    eligible = [r for r in rows if "behind_best" in r
+                and r["behind_best"]["difference"] <= r["behind_best"]["standard_error"] + 1e-12]
     return min(eligible, key=lambda r: (r["latency_ms"]["p95"], -r["recall@1"]))
 
 
@@ -142,8 +144,8 @@ def sweep(retrievers: dict[str, Retriever], queries: list[tuple[str, str]], late
     if rule not in ("best", "one-se"):
         raise ValueError(f"rule must be best or one-se, got {rule!r}")
     best = choose(rows, budget_ms, margin)
-    fastest = one_standard_error(rows, per_query, qids, best, budget_ms, margin)  # every row: its distance from best
-    chosen = fastest if rule == "one-se" else best
+    distances_from_best(rows, per_query, qids, best, budget_ms, margin)
+    chosen = one_standard_error(rows) if rule == "one-se" else best
     test = paired_test(per_query_values(per_query[(chosen["variant"], chosen["depth"])], "recall@1", qids),
                        per_query_values(per_query[("none", 0)], "recall@1", qids))
     gain = {"difference": test.difference, "low": test.low, "high": test.high, "p_value": test.p_value}

@@ -357,7 +357,7 @@ def test_sweep_one_standard_error_rule_takes_the_fastest_row_within_noise_of_the
     """20 queries. int8 depth 5 trails the best by 0.05 (loses 3 of its hits, gains 2): the paired
     differences have sd sqrt((5 - 20 x 0.05^2) / 19) = 0.5104, so one standard error is 0.1141 and it is
     eligible; depth 0 trails by 0.2 with SE sqrt((4 - 20 x 0.2^2) / 19) / sqrt(20) = 0.0918 and is not."""
-    from benchmarks.sweep import choose, one_standard_error
+    from benchmarks.sweep import choose, distances_from_best, one_standard_error
 
     qids = [f"q{i:02d}" for i in range(20)]
     best_hits = [1.0] * 16 + [0.0] * 4
@@ -371,7 +371,8 @@ def test_sweep_one_standard_error_rule_takes_the_fastest_row_within_noise_of_the
              "latency_ms": {"p95": p95[(v, d)]}} for v, d in hits]
     best = choose(rows, 1000.0, 0.8)
     assert (best["variant"], best["depth"], best["recall@1"]) == ("fp32", 20, 0.8)
-    chosen = one_standard_error(rows, per_query, qids, best, 1000.0, 0.8)
+    distances_from_best(rows, per_query, qids, best, 1000.0, 0.8)
+    chosen = one_standard_error(rows)
     assert (chosen["variant"], chosen["depth"]) == ("int8", 5)
     by_key = {(r["variant"], r["depth"]): r for r in rows}
     assert by_key[("int8", 5)]["behind_best"]["difference"] == pytest.approx(0.05)
@@ -383,7 +384,8 @@ def test_sweep_one_standard_error_rule_takes_the_fastest_row_within_noise_of_the
     # four more lost hits put int8 depth 5 out of reach (0.25 > SE 0.1428): the best itself is the fastest left
     for q in ("q12", "q13", "q14", "q15"):
         per_query[("int8", 5)][q]["recall@1"] = 0.0
-    chosen = one_standard_error(rows, per_query, qids, best, 1000.0, 0.8)
+    distances_from_best(rows, per_query, qids, best, 1000.0, 0.8)
+    chosen = one_standard_error(rows)
     assert (chosen["variant"], chosen["depth"]) == ("fp32", 20)
 
 
