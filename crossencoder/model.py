@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +21,7 @@ from irbase.lm import BaseLMConfig, bf16_fast, by_length, is_decoder, load_backb
 
 from crossencoder.pairs import PairEncoder, PairFormat
 
+log = logging.getLogger(__name__)
 CONFIG_FILE = "crossencoder.json"
 POOLINGS = ("auto", "last", "cls", "mean")
 LOSSES = ("listwise", "bce")
@@ -55,19 +58,35 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def load_backbone_weights(backbone: nn.Module, tokenizer, path: Path) -> None:
-    """Strict: the folder must hold the same architecture (layers, widths) and vocabulary."""
+    """The folder must hold the same widths and vocabulary, and at most as many layers: a shallower tower
+    fills the first layers (and the embeddings and final norm), so a deeper reranker can warm-start from the
+    4-layer bi-encoder tower while its extra layers keep the base LM's weights."""
     from transformers import AutoConfig, AutoModel
 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"crossencoder.init_from: {path} is not a Hugging Face model folder (no config.json)")
     saved = AutoConfig.from_pretrained(path)
     ours = backbone.config
-    for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+    for key in ("hidden_size", "vocab_size"):
         if getattr(saved, key, None) != getattr(ours, key, None):
             raise ValueError(f"crossencoder.init_from: {path} has {key}={getattr(saved, key, None)} but "
                              f"crossencoder.model.base_lm gives {getattr(ours, key, None)}")
+    if saved.num_hidden_layers > ours.num_hidden_layers:
+        raise ValueError(f"crossencoder.init_from: {path} has num_hidden_layers={saved.num_hidden_layers} but "
+                         f"crossencoder.model.base_lm gives {ours.num_hidden_layers}: a tower may be shallower, "
+                         "never deeper")
     source = AutoModel.from_pretrained(path, dtype=torch.float32)
-    backbone.load_state_dict(source.state_dict(), strict=True)
+    missing, unexpected = backbone.load_state_dict(source.state_dict(), strict=False)
+    def beyond_tower(key: str) -> bool:  # "layers.5.mlp..." (Gemma) or "encoder.layer.5...." (BERT)
+        found = re.search(r"(?:^|\.)layers?\.(\d+)\.", key)
+        return found is not None and int(found.group(1)) >= saved.num_hidden_layers
+
+    stray = [k for k in missing if not beyond_tower(k)] + list(unexpected)
+    if stray:
+        raise ValueError(f"crossencoder.init_from: {path} does not match the base LM's architecture: {stray[:5]}")
+    if saved.num_hidden_layers < ours.num_hidden_layers:
+        log.warning("crossencoder.init_from: %s fills layers 0-%d; layers %d-%d keep the base LM's weights", path,
+                    saved.num_hidden_layers - 1, saved.num_hidden_layers, ours.num_hidden_layers - 1)
 
 
 def group_loss(logits: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:

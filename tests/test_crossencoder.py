@@ -272,10 +272,34 @@ def test_init_from_a_fine_tuned_backbone_and_head_learning_rate(tmp_path, tiny_d
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in warm.head.parameters()}
     assert not any(p is warm.backbone.get_input_embeddings().weight for p in groups[0]["params"])  # frozen
     cut = CrossEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_decoder), num_layers=2, bidirectional=True))
-    with pytest.raises(ValueError, match="num_hidden_layers"):
+    with pytest.raises(ValueError, match="never deeper"):
         CrossEncoder.from_base(cut, init_from=tmp_path / "tower")
     with pytest.raises(FileNotFoundError, match="config.json"):
         CrossEncoder.from_base(config, init_from=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_a_shallower_tower_fills_the_first_layers_and_the_rest_stay_the_base_lm(kind, tmp_path, tiny_decoder,
+                                                                                tiny_encoder):
+    base = str(tiny_decoder if kind == "decoder" else tiny_encoder)
+    deep = CrossEncoderConfig(base_lm=BaseLMConfig(name=base, bidirectional=True))  # 3 layers
+    tower = CrossEncoder.from_base(CrossEncoderConfig(base_lm=BaseLMConfig(name=base, num_layers=2,
+                                                                           bidirectional=True)))
+    with torch.no_grad():
+        for p in tower.backbone.parameters():
+            p.add_(0.5)
+    tower.backbone.save_pretrained(tmp_path / "tower")
+    warm = CrossEncoder.from_base(deep, init_from=tmp_path / "tower").backbone.state_dict()
+    fresh = CrossEncoder.from_base(deep).backbone.state_dict()
+    tuned = tower.backbone.state_dict()
+    last = "layers.2." if kind == "decoder" else "encoder.layer.2."
+    from_base = [k for k in warm if last in k]
+    assert from_base and all(torch.equal(warm[k], fresh[k]) for k in from_base)
+    assert set(tuned) == set(warm) - set(from_base)
+    for key, value in tuned.items():
+        assert torch.equal(warm[key], value), key
+        if value.is_floating_point() and "position_ids" not in key:
+            assert not torch.equal(warm[key], fresh[key]), key
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
