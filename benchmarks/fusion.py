@@ -137,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.reranker:
         retriever.reranker = OnnxReranker(args.reranker, threads=retriever.serving.threads,
                                           batch_size=retriever.serving.rerank_batch)
+        retriever.serving.variant = retriever.reranker.variant  # labels and fusion.json name what was scored
     queries = select_queries(dataset, args.sample, seed=13)
     result = fit(retriever, queries, dataset.qrels, depth, args.bm25_weights, args.rerank_weights)
 

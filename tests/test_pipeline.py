@@ -21,7 +21,7 @@ from tests.conftest import PASSAGES, QUERIES, write_tsv
 from biencoder.encode import EncodeConfig
 from biencoder.index import IndexConfig
 from biencoder.model import BiEncoder, BiEncoderConfig
-from crossencoder.export import ExportConfig, export_variants
+from crossencoder.export import EXPORT_FILE, ExportConfig, export_variants
 from crossencoder.model import CrossEncoder, CrossEncoderConfig
 from crossencoder.runtime import OnnxReranker
 from pipeline import Result, Retriever
@@ -496,6 +496,17 @@ def test_fusion_cli_fits_both_weights_and_writes_them_into_the_run(tmp_path, tin
     experiment = json.loads((tmp_path / "exp" / "fusion.json").read_text())
     assert experiment["rerank"] == fit["rerank"] and experiment["choice"]["reranker"] == str(served)
     assert json.loads((run / "pipeline.json").read_text()) == record
+    # the record and the printed table name the variant scored, not the one the run serves
+    other = tmp_path / "other" / "int8"
+    shutil.copytree(served, other)
+    manifest = json.loads((other / EXPORT_FILE).read_text())
+    (other / EXPORT_FILE).write_text(json.dumps({**manifest, "variant": "int8"}))
+    args[-1] = str(other)
+    out = subprocess.run(args + ["--no-write", "--out", str(tmp_path / "exp2")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "exp2" / "fusion.json").read_text())["choice"]["variant"] == "int8"
+    assert "top 2 reranked (int8)" in out.stdout and experiment["choice"]["variant"] == "fp32"
 
 
 def test_compare_report_with_intervals_paired_tests_and_load(tmp_path, tiny_run):
