@@ -77,6 +77,7 @@ def load_backbone_weights(backbone: nn.Module, tokenizer, path: Path) -> None:
                          "never deeper")
     source = AutoModel.from_pretrained(path, dtype=torch.float32)
     missing, unexpected = backbone.load_state_dict(source.state_dict(), strict=False)
+
     def beyond_tower(key: str) -> bool:  # "layers.5.mlp..." (Gemma) or "encoder.layer.5...." (BERT)
         found = re.search(r"(?:^|\.)layers?\.(\d+)\.", key)
         return found is not None and int(found.group(1)) >= saved.num_hidden_layers
