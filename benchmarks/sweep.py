@@ -91,9 +91,14 @@ def quality(runs: dict[tuple[int, float | None], dict[str, list[str]]], qrels) -
     return by_depth
 
 
+def within_margin(rows: list[dict], budget_ms: float, margin: float) -> list[dict]:
+    """The rows with a quality measurement whose p95 <= margin x budget: the only ones a rule may choose."""
+    return [r for r in rows if "recall@1" in r and r["latency_ms"]["p95"] <= margin * budget_ms]
+
+
 def choose(rows: list[dict], budget_ms: float, margin: float) -> dict:
     """Best recall@1 (then MRR@10, then lower p95) among measured rows whose p95 <= margin x budget."""
-    allowed = [r for r in rows if "recall@1" in r and r["latency_ms"]["p95"] <= margin * budget_ms]
+    allowed = within_margin(rows, budget_ms, margin)
     if not allowed:
         raise SystemExit(f"no configuration has p95 within {margin} x {budget_ms} ms")
     return max(allowed, key=lambda r: (round(r["recall@1"], 6), round(r["mrr@10"], 6), -r["latency_ms"]["p95"]))
@@ -104,10 +109,9 @@ def distances_from_best(rows: list[dict], per_query: dict[tuple[str, int], dict]
     """Give each row within the margin `behind_best`: the best's recall@1 minus its own over the same queries,
     with the standard error of that paired difference."""
     reference = per_query_values(per_query[(best["variant"], best["depth"])], "recall@1", qids)
-    for row in rows:
-        if "recall@1" in row and row["latency_ms"]["p95"] <= margin * budget_ms:
-            diff = reference - per_query_values(per_query[(row["variant"], row["depth"])], "recall@1", qids)
-            row["behind_best"] = {"difference": float(diff.mean()), "standard_error": standard_error(diff)}
+    for row in within_margin(rows, budget_ms, margin):
+        diff = reference - per_query_values(per_query[(row["variant"], row["depth"])], "recall@1", qids)
+        row["behind_best"] = {"difference": float(diff.mean()), "standard_error": standard_error(diff)}
 
 
 def one_standard_error(rows: list[dict]) -> dict:
