@@ -145,6 +145,18 @@ def test_export_parity_runtime_and_save_load(tmp_path, kind, tiny_decoder, tiny_
     assert saved["variant"] == "int8" and saved["held_pairs"] == 24
 
 
+def test_fp16_export_is_checked_and_scores_like_torch(tmp_path, tiny_decoder):
+    """The GPU variant, checked here on the CPU provider (no GPU in CI). The random tiny encoder scores every
+    pair within ~0.02, so fp16 rounding reorders its near-ties: the decoder's spread makes the check meaningful."""
+    model = _model(tiny_decoder)
+    report = export_variants(model, tmp_path / "onnx", ExportConfig(variants=["fp16"]), GROUPS)["fp16"]
+    assert report["max_abs"] < 0.05 and report["spearman"] > 0.99 and report["top1_agreement"] == 1.0
+    runtime = OnnxReranker(tmp_path / "onnx" / "fp16", threads=1)
+    assert runtime.variant == "fp16"
+    for q, ps in GROUPS:
+        np.testing.assert_allclose(runtime.score(q, ps), model.score(q, ps), atol=0.05)
+
+
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
 def test_int8_keeps_the_mlp_down_projections_fp32(tmp_path, kind, tiny_decoder, tiny_encoder):
     import onnx
