@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from irbase.artifacts import file_fingerprint
-from irbase.bm25 import BM25Config, build_or_load
+from irbase.bm25 import build_or_load, configured
 from irbase.config import load_section
 from irbase.dataset import Dataset
 from irbase.runconfig import RunConfig, stage_dir
@@ -16,9 +16,7 @@ from pipeline.fusion import fuse_reranked
 
 
 def _bm25(config_path: str | None, overrides: list[str], dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
-    run = load_section(config_path, "run", RunConfig, overrides)
-    config = load_section(config_path, "bm25", BM25Config, overrides)
-    run_dir = Path(run.dir) / "bm25"
+    config, run_dir = configured(config_path, overrides)
     return build_or_load(run_dir, dataset, config), {"bm25": config, "run_dir": str(run_dir)}
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -48,10 +48,13 @@ class EncodeConfig:
 
 def encode_collection(model: BiEncoder, passages: Sequence[tuple[str, str]], out_dir: str | Path,
                       config: EncodeConfig, inputs: dict[str, str], rank: int = 0,
-                      world_size: int = 1, replace_stale: bool = False) -> Path:
+                      world_size: int = 1, replace_stale: bool = False,
+                      barrier: Callable[[], None] = lambda: None) -> Path:
     """Write (or finish) the shards of `passages`; `inputs` fingerprints are checked on resume.
 
-    Shards of another model or collection are refused, or with `replace_stale` deleted and redone.
+    Shards of another model or collection are refused, or with `replace_stale` deleted and redone. With
+    several ranks, `barrier` (all ranks meet) keeps the others away until rank 0 has cleared stale shards and
+    written the manifest, and returns only when every rank's shards are written.
     """
     out_dir = Path(out_dir)
     # bf16 as actually used: it falls back to fp32 where the device lacks native bf16
@@ -70,6 +73,7 @@ def encode_collection(model: BiEncoder, passages: Sequence[tuple[str, str]], out
     if not (out_dir / "manifest.json").is_file() and rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_manifest(out_dir, KIND, settings, inputs)
+    barrier()
     order = sorted(range(len(passages)), key=lambda i: len(passages[i][1]))
     n_shards = (len(order) + config.shard_size - 1) // config.shard_size
     mine = [s for s in range(n_shards) if s % world_size == rank]
@@ -95,6 +99,7 @@ def encode_collection(model: BiEncoder, passages: Sequence[tuple[str, str]], out
             with atomic_path(out_dir / f"ids-{shard:05d}.npy") as ids_tmp, open(ids_tmp, "wb") as f:
                 np.save(f, np.asarray([passages[i][0] for i in ids]))
     bar.close()
+    barrier()
     if encoded and rank == 0:
         atomic_write_json(out_dir / "speed.json", {"passages": encoded,
                                                    "seconds": time.perf_counter() - start,
@@ -120,6 +125,19 @@ def collection_inputs(dataset: Dataset, model_dir: str | Path) -> dict[str, str]
     return {"collection": file_fingerprint(dataset.collection_path), "model": model_fingerprint(model_dir)}
 
 
+def ranks() -> tuple[int, int, Callable[[], None]]:
+    """(rank, world size, barrier) under a launcher (`deepspeed`, `torchrun`: RANK, WORLD_SIZE, MASTER_ADDR
+    and MASTER_PORT set), or a world of one; several ranks meet over gloo, which every device has."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return rank, world, lambda: None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    return rank, world, dist.barrier
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m biencoder.encode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="shard directory (default: <run.dir>/<biencoder.name>/embeddings)")
     add_config_args(parser)
     add_dataset_args(parser, split=None)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = load_section(args.config, "data", DataConfig, args.overrides)
@@ -138,13 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out or base / "embeddings")
     if config.threads:
         torch.set_num_threads(config.threads)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world, barrier = ranks()
     model = BiEncoder.load(model_dir)
     if torch.cuda.is_available():
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     start = time.perf_counter()
     passages = list(dataset.iter_collection())
-    encode_collection(model, passages, out, config, collection_inputs(dataset, model_dir), rank, world)
+    encode_collection(model, passages, out, config, collection_inputs(dataset, model_dir), rank, world,
+                      barrier=barrier)
     print(f"encoded {len(passages)} passages into {out} in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from irbase.artifacts import atomic_write_json
-from irbase.bm25 import BM25Config, BM25Index, build_or_load
+from irbase.bm25 import BM25Index, build_or_load, configured
 from irbase.config import add_config_args, from_dict, load_section, load_yaml
 from irbase.dataset import Dataset
 from irbase.metrics import Evaluation, evaluate
@@ -74,9 +74,10 @@ def proxy_corpus(dataset: Dataset, bm25: BM25Index, config: ProxyConfig, seed: i
     return qids, sorted(pool) + extra
 
 
-def proxy_bm25(config_path: str | None, overrides: Sequence[str], run_dir: str | Path, dev: Dataset) -> BM25Index:
-    """The dev BM25 index the proxy draws its distractors from, shared by every run under `run_dir`."""
-    return build_or_load(Path(run_dir) / "bm25", dev, load_section(config_path, "bm25", BM25Config, overrides))
+def proxy_bm25(config_path: str | None, overrides: Sequence[str], dev: Dataset) -> BM25Index:
+    """The dev BM25 index the proxy draws its distractors from, shared by every run of the recipe's run.dir."""
+    config, index = configured(config_path, overrides)
+    return build_or_load(index, dev, config)
 
 
 def evaluate_proxy(model: BiEncoder, dataset: Dataset, bm25: BM25Index, config: ProxyConfig, seed: int,
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         raw = load_yaml(args.config, args.overrides).get("biencoder", {}).get("proxy")
         proxy = from_dict(ProxyConfig, raw, f"{args.config}:biencoder.proxy")
-        metrics = evaluate_proxy(model, dev, proxy_bm25(args.config, args.overrides, run.dir, dev), proxy, run.seed,
+        metrics = evaluate_proxy(model, dev, proxy_bm25(args.config, args.overrides, dev), proxy, run.seed,
                                  run_path=out / "dev_proxy.trec")
         name = "dev_proxy"
     atomic_write_json(out / f"eval-{name}.json", {name: metrics, "model": str(model_dir)})

@@ -1,7 +1,7 @@
 """Train the bi-encoder with DeepSpeed, then evaluate it on dev with exact search.
 
     python -m biencoder.train --config configs/mini.yaml [section.key=value ...]
-    deepspeed --num_gpus 4 -m biencoder.train --config configs/msmarco.yaml
+    deepspeed --num_gpus 4 --module biencoder.train --config configs/msmarco.yaml
 
 Writes <run.dir>/<biencoder.name>/: model/ (HF folder + biencoder.json), checkpoints/ (resumed from
 automatically), train_log.jsonl, embeddings/ (dev collection shards) and eval.json.
@@ -98,7 +98,7 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
         raise ValueError(f"biencoder.final_eval {recipe.final_eval!r}: expected full, proxy or none")
     bm25 = None
     if recipe.train.eval_every or recipe.final_eval == "proxy":
-        bm25 = proxy_bm25(config_path, overrides, run.dir, dev_set)
+        bm25 = proxy_bm25(config_path, overrides, dev_set)
     periodic = (lambda m: evaluate_proxy(m, dev_set, bm25, recipe.proxy, run.seed)) \
         if recipe.train.eval_every else None
     start = time.perf_counter()

@@ -91,10 +91,20 @@ def held_batch(dataset: Dataset, n_queries: int, n_passages: int, seed: int) -> 
 
 def parity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
     """max |difference|, mean Spearman correlation per query, share of queries with the same top passage."""
+    non_finite = int(sum(np.count_nonzero(~np.isfinite(c)) for c in candidate))
+    if non_finite:  # a NaN fails no comparison and can drop out of max(): such an export is never "close"
+        return {"max_abs": float("inf"), "spearman": float("nan"), "top1_agreement": 0.0, "non_finite": non_finite}
     diffs = [float(np.abs(r - c).max()) for r, c in zip(reference, candidate)]
     spearman = [_spearman(r, c) for r, c in zip(reference, candidate)]
     top1 = [float(np.argmax(r) == np.argmax(c)) for r, c in zip(reference, candidate)]
-    return {"max_abs": max(diffs), "spearman": float(np.mean(spearman)), "top1_agreement": float(np.mean(top1))}
+    return {"max_abs": max(diffs), "spearman": float(np.mean(spearman)), "top1_agreement": float(np.mean(top1)),
+            "non_finite": 0}
+
+
+def within(report: dict[str, float], tolerance: "Tolerance") -> bool:
+    """Whether a parity report passes; written as what must hold, so a NaN anywhere fails."""
+    return (report["non_finite"] == 0 and report["max_abs"] <= tolerance.max_abs
+            and report["spearman"] >= tolerance.min_spearman)
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -214,8 +224,9 @@ def export_variants(model: CrossEncoder, out_dir: Path, config: ExportConfig,
                                   fp32_nodes=kept_fp32 if variant == "int8" else [],
                                   held_pairs=sum(len(ps) for _, ps in groups), export_seconds=export_seconds,
                                   size_mb=(stage / "model.onnx").stat().st_size / 2 ** 20)
-                    if report["max_abs"] > tol.max_abs or report["spearman"] < tol.min_spearman:
+                    if not within(report, tol):
                         reason = (f"{variant} export disagrees with torch beyond tolerance: "
+                                  f"{report['non_finite']} non-finite scores, "
                                   f"max |diff| {report['max_abs']:.4g} (allowed {tol.max_abs}), "
                                   f"Spearman {report['spearman']:.4f} (needs >= {tol.min_spearman}); not saved")
                         log.error("%s", reason)

@@ -1,7 +1,7 @@
 """Train the cross-encoder with DeepSpeed, then measure it reranking BM25's top candidates on dev.
 
     python -m crossencoder.train --config configs/mini.yaml [section.key=value ...]
-    deepspeed --num_gpus 4 -m crossencoder.train --config configs/msmarco.yaml
+    deepspeed --num_gpus 4 --module crossencoder.train --config configs/msmarco.yaml
 
 Writes <run.dir>/<crossencoder.name>/: model/ (HF backbone + head + tokenizer + pair format),
 checkpoints/ (resumed from automatically), train_log.jsonl and eval.json.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from irbase.artifacts import atomic_write_json, file_fingerprint
-from irbase.bm25 import BM25Config, build_or_load
+from irbase.bm25 import BM25Config, build_or_load, configured
 from irbase.config import load_section
 from irbase.dataset import Dataset
 from irbase.examples import NegativesConfig, TrainExamples, load_negative_lists
@@ -54,9 +54,9 @@ class CrossEncoderRecipe:
     final_eval: bool = True
 
 
-def bm25_candidates(run_dir: Path, dataset: Dataset, config: BM25Config, qids: Sequence[str],
+def bm25_candidates(index_dir: Path, dataset: Dataset, config: BM25Config, qids: Sequence[str],
                     depth: int) -> dict[str, list[str]]:
-    index = build_or_load(run_dir / "bm25", dataset, config)
+    index = build_or_load(index_dir, dataset, config)
     ranked = index.search_ids([dataset.all_queries[q] for q in qids], depth)
     return {qid: [pid for pid, _ in hits] for qid, hits in zip(qids, ranked)}
 
@@ -119,8 +119,8 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     if recipe.final_eval:
         dev_set = Dataset.from_dir(data.root, data.dev_split)
         qids = eval_queries(dev_set, recipe.eval.queries, run.seed)
-        bm25 = load_section(config_path, "bm25", BM25Config, overrides)
-        candidates = bm25_candidates(Path(run.dir), dev_set, bm25, qids, max(recipe.eval.depth, 100))
+        bm25, bm25_dir = configured(config_path, overrides)
+        candidates = bm25_candidates(bm25_dir, dev_set, bm25, qids, max(recipe.eval.depth, 100))
         first = {q: [(p, -i) for i, p in enumerate(pids)] for q, pids in candidates.items()}
         start = time.perf_counter()
         reranked, _ = rerank(_Bf16(trained), dev_set, candidates, qids, recipe.eval.depth)

@@ -12,7 +12,7 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -43,6 +43,31 @@ class BM25Config:
     stemmer: str | None = "english"
     stopwords: str | None = "en"
     mine_depth: int = 50
+    # doc2query--: a `python -m querygen.filter` decisions.tsv ({run_dir}, {data_root}); each passage is
+    # indexed with its generated queries appended, while the index still returns the passage's own text
+    expansion: str | None = None
+    expansion_keep: list[str] = field(default_factory=lambda: ["kept", "round-trip"])  # decisions appended
+
+
+def index_dir(run_dir: str | Path, config: BM25Config) -> Path:
+    """Where a run keeps this BM25 index: plain and expanded indexes live side by side."""
+    return Path(run_dir) / ("bm25-expanded" if config.expansion else "bm25")
+
+
+def read_expansions(path: str | Path, keep: Sequence[str]) -> dict[str, list[str]]:
+    """pid -> the generated queries whose decision is in `keep`, from a decisions file
+    (`qid  pid  rank  decision  query`)."""
+    from irbase.formats import LineErrors, iter_lines
+
+    path, wanted = Path(path), set(keep)
+    errors, expansions = LineErrors(path), {}
+    for number, line in iter_lines(path, errors):
+        parts = line.split("\t")
+        if len(parts) != 5:
+            errors(number, f"expected 5 tab-separated columns (qid, pid, rank, decision, query), found {len(parts)}")
+        if parts[3] in wanted:
+            expansions.setdefault(parts[1], []).append(parts[4])
+    return expansions
 
 
 class BM25Index:
@@ -54,13 +79,18 @@ class BM25Index:
         self._local = threading.local()  # PyStemmer objects are not thread-safe
 
     @classmethod
-    def build(cls, passages: Iterable[tuple[str, str]], config: BM25Config) -> "BM25Index":
+    def build(cls, passages: Iterable[tuple[str, str]], config: BM25Config,
+              expansions: dict[str, list[str]] | None = None) -> "BM25Index":
+        """Index `passages`; with `expansions`, a passage's terms are its text plus those texts, while the
+        texts it returns stay the passages' own."""
         pids, texts = [], []
         for pid, text in passages:
             pids.append(pid)
             texts.append(text)
         index = cls(bm25s.BM25(k1=config.k1, b=config.b, method=config.method), np.asarray(pids), texts, config)
-        tokens = bm25s.tokenize(texts, stopwords=config.stopwords or None, stemmer=index._stemmer(),
+        indexed = texts if not expansions else [" ".join([text, *expansions.get(pid, ())])
+                                                for pid, text in zip(pids, texts)]
+        tokens = bm25s.tokenize(indexed, stopwords=config.stopwords or None, stemmer=index._stemmer(),
                                 show_progress=True)
         index.retriever.index(tokens, show_progress=True)
         return index
@@ -133,21 +163,45 @@ class BM25Index:
                 for d, s in zip(docs[0], scores[0]) if s > 0]
 
 
+def resolved(config: BM25Config, run_dir: str, data_root: str) -> BM25Config:
+    """`config` with its expansion path template filled in."""
+    from irbase.runconfig import fill_path
+
+    if config.expansion:
+        config.expansion = fill_path(config.expansion, run_dir, data_root)
+    return config
+
+
+def configured(config_path: str | None, overrides: Sequence[str]) -> tuple[BM25Config, Path]:
+    """The recipe's BM25 config (expansion path filled in) and the run directory its index lives in."""
+    run = load_section(config_path, "run", RunConfig, overrides)
+    data = load_section(config_path, "data", DataConfig, overrides)
+    config = resolved(load_section(config_path, "bm25", BM25Config, overrides), run.dir, data.root)
+    return config, index_dir(run.dir, config)
+
+
 def collection_inputs(dataset: Dataset) -> dict[str, str]:
     return {"collection": file_fingerprint(dataset.collection_path)}
 
 
+def expansion_inputs(config: BM25Config) -> dict[str, str]:
+    return {"expansion": file_fingerprint(config.expansion)} if config.expansion else {}
+
+
 def build_or_load(run_dir: str | Path, dataset: Dataset, config: BM25Config) -> BM25Index:
-    """Load the index in `run_dir` if it was built from this collection with this config, else build it."""
+    """Load the index in `run_dir` if it was built from this collection (and expansion file) with this
+    config, else build it. `config.expansion` must already be a path (`fill_path`)."""
     run_dir = Path(run_dir)
-    inputs = collection_inputs(dataset)
+    inputs = {**collection_inputs(dataset), **expansion_inputs(config)}
     if (run_dir / "manifest.json").is_file():
-        index = BM25Index.load(run_dir, inputs)
-        if index.config == config:
+        index = BM25Index.load(run_dir, collection_inputs(dataset))  # another collection is refused
+        recorded = read_manifest(run_dir, KIND)["inputs"].get("expansion")
+        if index.config == config and recorded == inputs.get("expansion"):
             return index
-        log.info("BM25 config changed (%s -> %s): rebuilding %s", index.config, config, run_dir)
+        log.info("BM25 config or expansion changed (%s -> %s): rebuilding %s", index.config, config, run_dir)
     start = time.perf_counter()
-    index = BM25Index.build(dataset.iter_collection(), config)
+    expansions = read_expansions(config.expansion, config.expansion_keep) if config.expansion else None
+    index = BM25Index.build(dataset.iter_collection(), config, expansions)
     index.save(run_dir, inputs)
     log.info("built BM25 index of %d passages in %.1f s -> %s", len(index.pids), time.perf_counter() - start, run_dir)
     return BM25Index.load(run_dir, inputs)
@@ -192,8 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = load_section(args.config, "data", DataConfig, args.overrides)
     run = load_section(args.config, "run", RunConfig, args.overrides)
-    config = load_section(args.config, "bm25", BM25Config, args.overrides)
-    run_dir = Path(args.run or Path(run.dir) / "bm25")
+    config = resolved(load_section(args.config, "bm25", BM25Config, args.overrides), run.dir, data.root)
+    run_dir = Path(args.run or index_dir(run.dir, config))
 
     if args.command == "search":
         for rank, r in enumerate(BM25Index.load(run_dir).search(args.query, args.k), 1):

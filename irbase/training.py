@@ -1,5 +1,5 @@
 """The DeepSpeed training loop both trained stages share: one process on a CPU, or
-`deepspeed --num_gpus N -m <package>.train` on GPUs, with the same code.
+`deepspeed --num_gpus N --module <package>.train` on GPUs, with the same code.
 
 The model's forward returns the loss. Data order is a pure function of (seed, epoch), so a run resumed
 from its last checkpoint sees exactly the batches an uninterrupted run would have seen, and a run that
@@ -124,6 +124,11 @@ def param_groups(model: torch.nn.Module, lr: float) -> list[dict[str, Any]]:
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
 
 
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """The batch's tensors on `device` (the data sources build them on the CPU); other values as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def linear_schedule(total: int, warmup: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
@@ -218,7 +223,7 @@ class Trainer:
         engine.train()
         while state["global_step"] < total:
             for batch in self.source.batches(state["epoch"], state["micro_in_epoch"], rank, world):
-                loss = engine(**batch)
+                loss = engine(**to_device(batch, engine.device))  # the engine does not move its inputs
                 engine.backward(loss)
                 engine.step()
                 state["micro_in_epoch"] += 1

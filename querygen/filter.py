@@ -3,8 +3,8 @@ source passage must rank within the first stage's top `keep_rank` for its query)
 
     python -m querygen.filter --config configs/mini.yaml [section.key=value ...]
 
-Writes <run.dir>/<querygen.name>/filtered/: decisions.tsv (`qid  pid  rank  decision` for every generated
-query; rank 0: not in the judge's top `depth`), queries.synthetic.tsv and qrels.synthetic.tsv (the kept
+Writes <run.dir>/<querygen.name>/filtered/: decisions.tsv (`qid  pid  rank  decision  query` for every
+generated query; rank 0: not in the judge's top `depth`), queries.synthetic.tsv and qrels.synthetic.tsv (the kept
 queries, MS MARCO layout), filter.json (kept fractions, round-trip hit@1/@5 of the synthetic queries
 beside the real held-out train queries') and examples.md (random kept and dropped queries).
 
@@ -115,7 +115,7 @@ def examples_markdown(queries: dict[str, str], sources: dict[str, str], decision
 
 
 def run_filter(config_path: str | None, overrides: Sequence[str]) -> Path:
-    from irbase.bm25 import BM25Config, build_or_load
+    from irbase.bm25 import BM25Config, build_or_load, index_dir
     from irbase.config import load_section
 
     from querygen.data import split_holdout
@@ -130,7 +130,9 @@ def run_filter(config_path: str | None, overrides: Sequence[str]) -> Path:
     queries = read_queries(generated / f"queries.{GENERATED}.tsv")
     sources = {qid: next(iter(judged)) for qid, judged in read_qrels(generated / f"qrels.{GENERATED}.tsv").items()}
     dataset = Dataset.from_dir(data.root, data.train_split)
-    index = build_or_load(Path(run.dir) / "bm25", dataset, load_section(config_path, "bm25", BM25Config, overrides))
+    judge = load_section(config_path, "bm25", BM25Config, overrides)
+    judge.expansion = None  # the plain index judges: an index expanded with these very queries would not
+    index = build_or_load(index_dir(run.dir, judge), dataset, judge)
     ranks = source_ranks(index, queries, {q: {p} for q, p in sources.items()}, config.depth)
     decisions = decide(queries, sources, ranks, config)
     _, held = split_holdout(dataset.qrels, dataset.all_queries, dataset.collection, recipe.holdout)
@@ -138,8 +140,8 @@ def run_filter(config_path: str | None, overrides: Sequence[str]) -> Path:
                         config.depth)
     out = Path(run.dir) / recipe.name / "filtered"
     kept = [q for q, d in decisions.items() if d == "kept"]
-    atomic_write_text(out / "decisions.tsv", "".join(f"{q}\t{sources[q]}\t{ranks[q]}\t{decisions[q]}\n"
-                                                     for q in queries))
+    atomic_write_text(out / "decisions.tsv", "".join(f"{q}\t{sources[q]}\t{ranks[q]}\t{decisions[q]}\t{text}\n"
+                                                     for q, text in queries.items()))
     atomic_write_text(out / f"queries.{SPLIT}.tsv", "".join(f"{q}\t{queries[q]}\n" for q in kept))
     atomic_write_text(out / f"qrels.{SPLIT}.tsv", "".join(f"{q}\t0\t{sources[q]}\t1\n" for q in kept))
     usable = [q for q, d in decisions.items() if d in ("kept", "round-trip")]
