@@ -65,6 +65,7 @@ def read_expansions(path: str | Path, keep: Sequence[str]) -> dict[str, list[str
         parts = line.split("\t")
         if len(parts) != 5:
             errors(number, f"expected 5 tab-separated columns (qid, pid, rank, decision, query), found {len(parts)}")
+            continue
         if parts[3] in wanted:
             expansions.setdefault(parts[1], []).append(parts[4])
     return expansions

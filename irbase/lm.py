@@ -72,6 +72,11 @@ def by_length(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_id
     return torch.cat(outputs)[torch.argsort(order)]
 
 
+def compute_device() -> torch.device:
+    """The first CUDA device when torch sees one, else the CPU: where encoders run outside training."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def bf16_fast(device: torch.device | str = "cpu") -> bool:
     """Whether bf16 autocast speeds `device` up rather than slowing it down.
 

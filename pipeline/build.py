@@ -2,7 +2,9 @@
 
     python -m pipeline.build --config configs/mini.yaml [--only STAGE ...] [--force STAGE ...] [key=value ...]
 
-[slice (when the config has a `slice` section: configs/smoke.yaml),] base-lm, bm25-negatives, biencoder
+[slice (when the config has a `slice` section: configs/smoke.yaml),] base-lm, [querygen (the query
+generator), generate (its queries for every passage), filter (when the config has a `querygen` section),]
+bm25-negatives, biencoder
 (round 1), mine, biencoder-r2, corpus (encoding, HNSW index, passage store), [first-stage-train (the
 hybrid first stage on the train queries, when crossencoder.residual.run names its run),] crossencoder,
 export, reranker (the served cross-encoder recorded in the run), fusion (the first stage's BM25 weight fitted
@@ -79,8 +81,18 @@ class Builder:
 
         self.stages = [Stage("slice", ["slice", "data"], [], cli("irbase.slice"))] if "slice" in self.raw else []
         self.residual = bool(residual_run)
+        qg = self.raw.get("querygen", {}).get("name", "querygen")
+        synthetic = [  # the query generator, its queries for every passage, and the filter's decisions
+            Stage("querygen", ["data", "querygen.model", "querygen.train", "querygen.holdout", "querygen.eval_pairs"],
+                  [f"{qg}/model", f"{qg}/eval.json"], cli("querygen.train")),
+            Stage("generate", ["data", "querygen.generate"], [f"{qg}/generated/queries.generated.tsv"],
+                  cli("querygen.generate")),
+            Stage("filter", ["data", "bm25", "querygen.filter", "querygen.holdout"],
+                  [f"{qg}/filtered/decisions.tsv"], cli("querygen.filter"))] if "querygen" in self.raw else []
         first_stage = [
-            Stage("base-lm", ["biencoder.model.base_lm", "crossencoder.model.base_lm"], [], action=self._base_lm),
+            Stage("base-lm", ["biencoder.model.base_lm", "crossencoder.model.base_lm", "querygen.model.base_lm"], [],
+                  action=self._base_lm),
+            *synthetic,
             Stage("bm25-negatives", ["data", "bm25"], ["negatives.bm25.tsv"], cli("irbase.bm25", command="mine")),
             Stage("biencoder", ["data", "biencoder", "encode"], ["biencoder/model", "biencoder/eval.json"],
                   cli("biencoder.train")),
@@ -132,7 +144,7 @@ class Builder:
     def _base_lm(self) -> None:
         from irbase.lm import BaseLMConfig, resolve
 
-        for section in ("biencoder", "crossencoder"):
+        for section in ("biencoder", "crossencoder", "querygen"):
             base = self._section(f"{section}.model.base_lm")
             if base:
                 print(f"{section}: base LM at {resolve(BaseLMConfig(**base))}")
@@ -140,7 +152,7 @@ class Builder:
     def _corpus(self) -> None:
         from biencoder.encode import EncodeConfig
         from biencoder.index import IndexConfig
-        from irbase.bm25 import BM25Config
+        from irbase.bm25 import BM25Config, resolved
         from pipeline.config import RunRecord, ServingConfig
         from pipeline.retriever import Retriever
 
@@ -154,7 +166,8 @@ class Builder:
             fingerprints={"biencoder": model_fingerprint(self.run_dir / serving.biencoder / "model")},
             encode=asdict(load_section(self.config_path, "encode", EncodeConfig, self.overrides)),
             index=asdict(load_section(self.config_path, "index", IndexConfig, self.overrides)),
-            bm25=asdict(load_section(self.config_path, "bm25", BM25Config, self.overrides)))
+            bm25=asdict(resolved(load_section(self.config_path, "bm25", BM25Config, self.overrides), self.run.dir,
+                                 self.data.root)))
         if previous is not None and previous.fingerprints.get("biencoder") == record.fingerprints["biencoder"]:
             record.fingerprints = dict(previous.fingerprints)  # same first stage: its fits still hold
             record.sweep, record.fusion_fit = previous.sweep, previous.fusion_fit

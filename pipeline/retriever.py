@@ -14,7 +14,8 @@ import torch
 
 from irbase import formats
 from irbase.artifacts import ArtifactError, file_fingerprint, model_fingerprint, read_manifest
-from irbase.bm25 import BM25Config, BM25Index
+from irbase.bm25 import BM25Config, BM25Index, expansion_inputs, read_expansions
+from irbase.lm import compute_device
 from irbase.search import Result, check_query
 
 from biencoder.encode import EncodeConfig, encode_collection
@@ -61,7 +62,7 @@ class Retriever:
         if verify and self.record.fingerprints.get("biencoder") not in (None, self.model_id):
             raise ArtifactError(f"{model_dir} is not the bi-encoder this run was built with (weights changed); "
                                 f"rebuild with: {BUILD_HINT}")
-        self.model = BiEncoder.load(model_dir).eval()
+        self.model = BiEncoder.load(model_dir).eval().to(compute_device())  # queries encode on a GPU when there is one
         self.reranker = self._load_reranker(self.serving.variant) if self.serving.depth > 0 else None
         self.index: DenseIndex | None = None
         self.bm25: BM25Index | None = None
@@ -119,7 +120,10 @@ class Retriever:
         index.save(corpus / "index", inputs)
         PassageStore.build(corpus / "passages.sqlite", passages, collection, total=len(passages))
         if self.serving.first_stage == "hybrid":
-            BM25Index.build(passages, BM25Config(**self.record.bm25)).save(corpus / "bm25", {"collection": collection})
+            bm25 = BM25Config(**self.record.bm25)  # its expansion path was filled in by the build
+            expansions = read_expansions(bm25.expansion, bm25.expansion_keep) if bm25.expansion else None
+            BM25Index.build(passages, bm25, expansions).save(corpus / "bm25", {"collection": collection,
+                                                                               **expansion_inputs(bm25)})
         self.record.corpus = {"collection": collection, "path": str(corpus_path.resolve()), "passages": len(passages),
                               "embeddings": str(shards)}
         self.record.save(self.run_dir)

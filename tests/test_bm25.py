@@ -80,3 +80,26 @@ def test_mined_negatives_exclude_positives(tmp_path, tiny_msmarco):
     assert "p1" not in negatives["q1"] and "p2" in negatives["q1"]  # Sydney/Australia is the hard negative
     assert "p4" not in negatives.get("q3", [])
     assert [int(p[2]) for p in lines if p[0] == "q1"] == list(range(1, len(negatives["q1"]) + 1))
+
+
+def test_expanded_index_matches_appended_queries_and_returns_the_passage_text(tmp_path, tiny_msmarco):
+    decisions = write_tsv(tmp_path / "decisions.tsv", [
+        ("g1", "p3", 0, "round-trip", "pet fish aquarium lifespan"),   # words p3 lacks
+        ("g2", "p5", 1, "kept", "nuclear weapons history"),
+        ("g3", "p1", 0, "repeated-word", "zebra zebra zebra")])          # a dropped decision: not appended
+    plain = BM25Index.build(PASSAGES.items(), BM25Config())
+    assert plain.search("aquarium lifespan", 3) == []
+    ds = Dataset.from_dir(tiny_msmarco, "dev")
+    config = BM25Config(expansion=str(decisions))
+    expanded = build_or_load(tmp_path / "bm25-expanded", ds, config)
+    top = expanded.search("aquarium lifespan", 3)
+    assert [r.document_id for r in top] == ["p3"] and top[0].document_text == PASSAGES["p3"]
+    assert expanded.search("nuclear weapons", 1)[0].document_text == PASSAGES["p5"]
+    assert expanded.search("zebra", 3) == []
+    # another expansion file rebuilds the index (the collection is the same)
+    write_tsv(decisions, [("g1", "p2", 1, "kept", "zebra crossing")])
+    rebuilt = build_or_load(tmp_path / "bm25-expanded", ds, config)
+    assert [r.document_id for r in rebuilt.search("zebra", 3)] == ["p2"] and rebuilt.search("aquarium", 3) == []
+    write_tsv(decisions, [("g1", "p2", 1, "kept")])
+    with pytest.raises(Exception, match="decisions.tsv:1: expected 5 tab-separated columns"):
+        build_or_load(tmp_path / "bm25-expanded", ds, config)

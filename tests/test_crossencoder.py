@@ -17,7 +17,7 @@ from irbase.lm import BaseLMConfig
 from tests.conftest import PASSAGES, QUERIES, write_train_dev
 
 from crossencoder.data import FirstStageScores, GroupBatches, fit_scale
-from crossencoder.export import ExportConfig, ExportRefused, Tolerance, export_variants, parity
+from crossencoder.export import ExportConfig, ExportRefused, Tolerance, export_variants, parity, within
 from crossencoder.model import CrossEncoder, CrossEncoderConfig, group_loss
 from crossencoder.runtime import OnnxReranker
 from crossencoder.train import read_first_stage
@@ -215,6 +215,12 @@ def test_parity_measures():
     assert report["max_abs"] == pytest.approx(1.5)
     assert report["spearman"] == pytest.approx((0.5 + 1.0) / 2)
     assert report["top1_agreement"] == 1.0
+    tolerance = Tolerance(max_abs=1.5, min_spearman=0.75)
+    assert within(report, tolerance) and not within(report, Tolerance(max_abs=1.4, min_spearman=0.75))
+    # a NaN or an inf anywhere fails, however close the rest is (a NaN fails no `>` test and can drop out of max)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = parity(a, [np.array([3.0, 2.0, bad]), np.array([0.0, 1.0])])
+        assert broken["non_finite"] == 1 and not within(broken, Tolerance(max_abs=1e9, min_spearman=-1.0))
 
 
 def test_shrunk_vocabulary_keeps_scores_and_maps_unseen_tokens(tmp_path, tiny_decoder):
