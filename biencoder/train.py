@@ -21,7 +21,7 @@ from typing import Sequence
 from irbase.artifacts import atomic_write_json, file_fingerprint
 from irbase.config import load_section
 from irbase.dataset import Dataset
-from irbase.examples import NegativesConfig, TrainExamples, load_negative_lists
+from irbase.examples import NegativesConfig, SyntheticConfig, TrainExamples, load_negative_lists, with_synthetic
 from irbase.runconfig import DataConfig, RunConfig, fill_path, seed_everything
 from irbase.training import TrainConfig, Trainer, train_main
 
@@ -39,6 +39,7 @@ class BiEncoderRecipe:
     model: BiEncoderConfig = field(default_factory=BiEncoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     init_from: str | None = None            # continue from a trained bi-encoder (round 2; {run_dir}, {data_root})
     # with init_from: start the data stream where that run stopped, so a second round reaches the training
     # queries the first did not instead of repeating its batches (sets train.data_offset when that is 0)
@@ -78,9 +79,11 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     train_set = Dataset.from_dir(data.root, data.train_split)
     dev_set = Dataset.from_dir(data.root, data.dev_split)
     negative_lists = load_negative_lists(recipe.negatives.files, run.dir, data.root, "biencoder.negatives.files")
-    examples = TrainExamples.build(train_set.all_queries, train_set.qrels, train_set.collection, negative_lists,
-                                   recipe.negatives, run.seed, recipe.max_train_queries)
-    log.info("%d training queries, %d with mined negatives", len(examples),
+    queries, qrels, added = with_synthetic(train_set.all_queries, train_set.qrels, recipe.synthetic, run.dir,
+                                           data.root, run.seed)
+    examples = TrainExamples.build(queries, qrels, train_set.collection, negative_lists, recipe.negatives, run.seed,
+                                   recipe.max_train_queries)
+    log.info("%d training queries (%d synthetic), %d with mined negatives", len(examples), added,
              sum(1 for v in examples.negatives.values() if v))
 
     if recipe.init_from:

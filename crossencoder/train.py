@@ -20,7 +20,7 @@ from irbase.artifacts import atomic_write_json, file_fingerprint
 from irbase.bm25 import BM25Config, build_or_load, configured
 from irbase.config import load_section
 from irbase.dataset import Dataset
-from irbase.examples import NegativesConfig, TrainExamples, load_negative_lists
+from irbase.examples import NegativesConfig, SyntheticConfig, TrainExamples, load_negative_lists, with_synthetic
 from irbase.runconfig import DataConfig, RunConfig, fill_path, seed_everything
 from irbase.trec import read_trec_run
 from irbase.training import TrainConfig, Trainer, train_main
@@ -49,6 +49,7 @@ class CrossEncoderRecipe:
     init_from: str | None = None            # HF backbone folder we fine-tuned from the same base LM ({run_dir})
     negatives: NegativesConfig = field(default_factory=lambda: NegativesConfig(per_query=7))  # G-1
     residual: ResidualConfig = field(default_factory=ResidualConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_train_queries: int | None = None    # a slice, for smoke runs
     eval: RerankEvalConfig = field(default_factory=RerankEvalConfig)
     final_eval: bool = True
@@ -85,14 +86,17 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     out = Path(run.dir) / recipe.name
     train_set = Dataset.from_dir(data.root, data.train_split)
     negative_lists = load_negative_lists(recipe.negatives.files, run.dir, data.root, "crossencoder.negatives.files")
-    queries, first_stage = train_set.all_queries, None
+    queries, qrels, added = with_synthetic(train_set.all_queries, train_set.qrels, recipe.synthetic, run.dir,
+                                           data.root, run.seed)
+    first_stage = None
     if recipe.residual.run:
         residual_run = fill_path(recipe.residual.run, run.dir, data.root)
         first = read_first_stage(residual_run, train_set)
         negative_lists.append({qid: [pid for pid, _ in hits] for qid, hits in first.items()})
         queries = {qid: text for qid, text in queries.items() if qid in first}
-    examples = TrainExamples.build(queries, train_set.qrels, train_set.collection, negative_lists,
+    examples = TrainExamples.build(queries, qrels, train_set.collection, negative_lists,
                                    recipe.negatives, run.seed, recipe.max_train_queries)
+    log.info("%d training queries (%d synthetic)", len(examples), added)
     residual = {}
     if recipe.residual.run:
         scale, losses = recipe.residual.scale, None

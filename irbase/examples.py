@@ -22,6 +22,42 @@ class NegativesConfig:
     skip_top: int = 0           # skip the top mined ranks (likely unjudged positives)
 
 
+@dataclass
+class SyntheticConfig:
+    """Generated queries mixed into the real training queries (a split in the MS MARCO layout, such as
+    `python -m querygen.filter` writes)."""
+    queries: str | None = None      # queries file ({run_dir}, {data_root}); null: real queries only
+    qrels: str | None = None        # its qrels: each query's source passage
+    real_share: float = 0.25        # share of real queries among all training queries
+
+    def __post_init__(self) -> None:
+        if not 0 < self.real_share <= 1:
+            raise ValueError(f"synthetic.real_share={self.real_share}: expected a share in (0, 1]")
+        if (self.queries is None) != (self.qrels is None):
+            raise ValueError("synthetic.queries and synthetic.qrels: give both or neither")
+
+
+def with_synthetic(queries: dict[str, str], qrels: Qrels, config: SyntheticConfig, run_dir: str, data_root: str,
+                   seed: int) -> tuple[dict[str, str], Qrels, int]:
+    """Real queries and qrels plus a seeded sample of synthetic ones sized so that real queries make up
+    `real_share` of the judged queries; also returns how many synthetic queries were added."""
+    from irbase.formats import read_qrels, read_queries
+
+    if config.queries is None:
+        return queries, qrels, 0
+    synthetic = read_queries(fill_path(config.queries, run_dir, data_root))
+    judged = read_qrels(fill_path(config.qrels, run_dir, data_root))
+    clash = sorted(set(synthetic) & set(queries))
+    if clash:
+        raise ValueError(f"synthetic.queries {config.queries}: query ids {', '.join(clash[:3])} are also real ones")
+    pool = sorted(q for q in judged if q in synthetic)
+    real = sum(1 for q in qrels if q in queries)
+    wanted = min(len(pool), round(real * (1 - config.real_share) / config.real_share))
+    chosen = sorted(random.Random(seed).sample(pool, wanted))
+    return ({**queries, **{q: synthetic[q] for q in chosen}}, {**qrels, **{q: judged[q] for q in chosen}},
+            len(chosen))
+
+
 def _rng(seed: int, epoch: int, key: str) -> random.Random:
     return random.Random(zlib.crc32(f"{seed}:{epoch}:{key}".encode()))
 

@@ -197,3 +197,24 @@ def test_train_generate_resume_and_filter_end_to_end(tmp_path, tiny_decoder):
     kept = [d for d in decisions if d[3] == "kept"]
     assert summary["kept"] == len(kept) and all(0 < int(d[2]) <= 3 for d in kept)
     assert (run / "filtered" / "queries.synthetic.tsv").read_text().count("\n") == len(kept)
+
+
+def test_synthetic_queries_are_mixed_in_at_the_real_share(tmp_path):
+    from irbase.examples import SyntheticConfig, with_synthetic
+    from tests.conftest import write_tsv
+
+    real_q = {f"r{i}": f"real {i}" for i in range(3)}
+    real_j = {q: {"p1": 1} for q in real_q}
+    write_tsv(tmp_path / "q.tsv", [(f"gen-p{i}-0", f"synthetic {i}") for i in range(20)])
+    write_tsv(tmp_path / "j.tsv", [(f"gen-p{i}-0", 0, f"p{i}", 1) for i in range(20)])
+    config = SyntheticConfig(queries="{run_dir}/q.tsv", qrels="{run_dir}/j.tsv", real_share=0.25)
+    queries, qrels, added = with_synthetic(real_q, real_j, config, str(tmp_path), "", seed=1)
+    assert added == 9 and len(queries) == len(qrels) == 12  # 3 real make a quarter: 9 synthetic beside them
+    assert all(qrels[q] == {q.split("-")[1]: 1} for q in queries if q.startswith("gen-"))
+    assert with_synthetic(real_q, real_j, config, str(tmp_path), "", seed=1)[0] == queries  # seeded
+    everything = with_synthetic(real_q, real_j, SyntheticConfig("{run_dir}/q.tsv", "{run_dir}/j.tsv", 0.1),
+                                str(tmp_path), "", seed=1)
+    assert everything[2] == 20  # 27 wanted, 20 exist
+    assert with_synthetic(real_q, real_j, SyntheticConfig(), str(tmp_path), "", 1) == (real_q, real_j, 0)
+    with pytest.raises(ValueError, match="real_share"):
+        SyntheticConfig("a", "b", real_share=0)
