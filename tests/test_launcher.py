@@ -166,3 +166,26 @@ def test_every_tensor_reaches_the_engine_on_its_device(tmp_path, monkeypatch):
     Trainer(torch.nn.Linear(2, 2), config, tmp_path, Source()).train()
     assert len(engine.seen) == 3
     assert all(device.type == "meta" for seen in engine.seen for device in seen.values())
+
+
+def test_gpu_check_script_runs_every_check_on_the_cpu(tmp_path, tiny_decoder):
+    """`python -m benchmarks.gpu_check --cpu` takes the code paths a GPU run takes (the launcher, the export
+    and its parity check, faiss against faiss, encoding and generation), so the script cannot rot unseen."""
+    data = tmp_path / "data"
+    write_train_dev(data, tmp_path / "mined.tsv")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"run: {{dir: {tmp_path / 'run'}}}\ndata: {{root: {data}}}\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "PATH": f"{DEEPSPEED.parent}:{os.environ.get('PATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--base-lm", str(tiny_decoder),
+                           "--out", str(tmp_path / "out"), "--config", str(config)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    rows = {r["check"]: r for r in report["checks"]}
+    assert set(rows) == {"install", "faiss", "onnx-fp16", "encode", "generate", "train"}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["faiss"]["ids_equal"] == 1.0 and rows["onnx-fp16"]["parity"]["fp32"]["max_abs"] < 1e-3
+    assert rows["encode"]["min_cosine_vs_cpu_fp32"] > 0.999 and rows["generate"]["tokens_per_s"] > 0
+    assert rows["train"]["precision"] == "fp32" and len(rows["train"]["losses"]) == 5
+    assert "6 passed, 0 failed" in done.stdout
