@@ -165,6 +165,12 @@ def test_train_generate_resume_and_filter_end_to_end(tmp_path, tiny_decoder):
     assert "held-out query NLL/token" in _run("querygen.train", config)
     run = tmp_path / "run" / "querygen"
     assert (run / "holdout.tsv").read_text().count("\n") == 1
+    import json
+    assert "int8: held-out query NLL/token" in _run("querygen.evaluate", config)
+    precision = json.loads((run / "precision.json").read_text())
+    trained = json.loads((run / "eval.json").read_text())["heldout_nll_after"]
+    assert precision["fp32"]["nll_per_token"] == pytest.approx(trained, rel=1e-4)  # the saved model is the trained one
+    assert precision["int8_minus_fp32"] == pytest.approx(precision["int8"]["nll_per_token"] - trained, rel=1e-3)
     _run("querygen.generate", config)
     out = run / "generated"
     shards = sorted((out / "shards").glob("shard-*.tsv"))
@@ -190,7 +196,6 @@ def test_train_generate_resume_and_filter_end_to_end(tmp_path, tiny_decoder):
 
     printed = _run("querygen.filter", config)
     assert "kept" in printed
-    import json
     summary = json.loads((run / "filtered" / "filter.json").read_text())
     decisions = [line.split("\t") for line in (run / "filtered" / "decisions.tsv").read_text().splitlines()]
     assert len(decisions) == summary["generated"] == len(queries.splitlines())
