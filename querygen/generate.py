@@ -28,6 +28,7 @@ from irbase.artifacts import ArtifactError, atomic_write_text, file_fingerprint,
 from irbase.config import add_config_args
 from irbase.dataset import Dataset
 from irbase.formats import read_queries
+from irbase.lm import bf16_fast, compute_device
 
 from querygen.data import PromptEncoder
 from querygen.model import QueryGenerator
@@ -113,7 +114,7 @@ def generate(config_path: str | None, overrides: Sequence[str]) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
     model_dir = Path(run.dir) / recipe.name / "model"
-    model = QueryGenerator.load(model_dir)
+    model = QueryGenerator.load(model_dir).to(compute_device())
     dataset = Dataset.from_dir(data.root, data.train_split)
     out = output_dir(run.dir, recipe.name)
     recorded = {k: v for k, v in asdict(config).items() if k not in ("threads", "max_passages")}
@@ -135,7 +136,8 @@ def generate(config_path: str | None, overrides: Sequence[str]) -> Path:
         if path.is_file():
             bar.update(len(passages))
             continue
-        text, count = generate_shard(model, encoder, passages, config, run.seed, shard, stop, bar)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16_fast(model.device)):
+            text, count = generate_shard(model, encoder, passages, config, run.seed, shard, stop, bar)
         atomic_write_text(path, text)
         decoded += count
         elapsed = time.perf_counter() - start

@@ -219,10 +219,25 @@ def test_llama_decoder_loads_and_refuses_bidirectional(tmp_path, tiny_decoder):
         load_config(BaseLMConfig(name=str(tmp_path / "llama"), bidirectional=True))
 
 
+def _ir_measures_means(run: dict[str, list[str]], qrels) -> dict[str, float]:
+    """recall@1 (hit@1), recall@10/100, MRR@10 and nDCG@10 of `run` by ir-measures, averaged over `qrels`."""
+    import ir_measures
+
+    measures = {"recall@1": ir_measures.Success(rel=1) @ 1, "recall@10": ir_measures.R(rel=1) @ 10,
+                "recall@100": ir_measures.R(rel=1) @ 100, "mrr@10": ir_measures.RR(rel=1) @ 10,
+                "ndcg@10": ir_measures.nDCG @ 10}
+    scored = {q: {p: float(len(ranked) - i) for i, p in enumerate(ranked)} for q, ranked in run.items()}
+    per_query = {(str(m.measure), m.query_id): m.value
+                 for m in ir_measures.iter_calc(list(measures.values()), qrels, scored)}
+    return {name: sum(per_query.get((str(m), q), 0.0) for q in qrels) / len(qrels) for name, m in measures.items()}
+
+
 def test_proxy_evaluation_is_fixed_and_reports_bm25_beside(tmp_path, tiny_msmarco, tiny_encoder):
+    """The proxy's corpus, rankings and metrics against ones computed here: the corpus from its definition, the
+    dense ranking by exact inner products of embeddings made one text at a time, BM25's from the index's own
+    scores of the proxy passages, and every metric by ir-measures."""
     from irbase.bm25 import BM25Config, BM25Index
     from irbase.dataset import Dataset
-    from irbase.metrics import evaluate
     from irbase.trec import read_trec_run
 
     from biencoder.evaluate import ProxyConfig, evaluate_proxy, proxy_corpus
@@ -231,22 +246,36 @@ def test_proxy_evaluation_is_fixed_and_reports_bm25_beside(tmp_path, tiny_msmarc
     bm25 = BM25Index.build(ds.iter_collection(), BM25Config())
     config = ProxyConfig(queries=3, bm25_depth=1, random_passages=1)
     qids, pids = proxy_corpus(ds, bm25, config, seed=0)
-    assert (qids, pids) == proxy_corpus(ds, bm25, config, seed=0) and len(qids) == 3
-    assert {p for q in qids for p in ds.qrels[q]} <= set(pids)  # every judged passage is in
+    assert (qids, pids) == proxy_corpus(ds, bm25, config, seed=0) and len(qids) == 3 and qids == sorted(qids)
+    assert set(qids) <= set(QUERIES)
+    # every judged passage of the sampled queries, BM25's top 1 of each, then 1 random passage of the rest
+    pool = {p for q in qids for p in ds.qrels[q]} | {hits[0][0] for hits in bm25.search_ids(
+        [QUERIES[q] for q in qids], 1)}
+    assert pids[:-1] == sorted(pool) and pids[-1] in set(PASSAGES) - pool and len(pids) == len(pool) + 1
+
     model = BiEncoder.from_base(BiEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_encoder))))
     result = evaluate_proxy(model, ds, bm25, config, seed=0, bf16=False, run_path=tmp_path / "proxy.trec")
-    assert result["proxy_passages"] == len(pids)
-    assert result["proxy_bm25_recall@1"] == 1.0  # BM25 finds each tiny query's answer first
-    assert 0.0 <= result["proxy_recall@1"] <= 1.0 and "proxy_mrr@10" in result
-    # the kept ranking is the one scored: same queries, passages from the proxy corpus, same metrics
+    assert result["proxy_passages"] == len(pids) == 5
+    qrels = {q: QRELS[q] for q in qids}
+    with torch.no_grad():
+        passages = {p: model.encode([PASSAGES[p]], "passage", bf16=False)[0] for p in pids}
+        dense = {q: sorted(pids, key=lambda p, v=model.encode([QUERIES[q]], "query", bf16=False)[0]:
+                           -float(np.dot(v, passages[p]))) for q in qids}
+    lexical = {}
+    for q in qids:
+        scores = dict(zip(pids, map(float, bm25.score_ids(QUERIES[q], pids))))
+        lexical[q] = sorted((p for p in pids if scores[p] > 0), key=lambda p: -scores[p])
+    # the rankings kept are these
     run = {q: [p for p, _ in hits] for q, hits in read_trec_run(tmp_path / "proxy.trec").items()}
-    assert sorted(run) == qids and all(set(r) <= set(pids) for r in run.values())
-    again = evaluate(run, {q: ds.qrels[q] for q in qids}).means
-    assert again["recall@1"] == result["proxy_recall@1"] and again["mrr@10"] == result["proxy_mrr@10"]
-    # and BM25's ranking on the same passages beside it, for pairing a recipe against BM25
-    lexical = {q: [p for p, _ in hits] for q, hits in read_trec_run(tmp_path / "proxy_bm25.trec").items()}
-    assert sorted(lexical) == qids and all(set(r) <= set(pids) for r in lexical.values())
-    assert evaluate(lexical, {q: ds.qrels[q] for q in qids}).means["recall@1"] == result["proxy_bm25_recall@1"]
+    assert run == dense
+    kept = {q: [p for p, _ in hits] for q, hits in read_trec_run(tmp_path / "proxy_bm25.trec").items()}
+    assert kept == lexical
+    # and the metrics reported are ir-measures' on them
+    for prefix, ranking in (("proxy_", dense), ("proxy_bm25_", lexical)):
+        for name, value in _ir_measures_means(ranking, qrels).items():
+            assert result[prefix + name] == pytest.approx(value, abs=1e-9), prefix + name
+    assert result["proxy_bm25_recall@1"] == 1.0  # BM25 finds each tiny query's answer first
+    assert result["proxy_recall@1"] != result["proxy_bm25_recall@1"]  # the untrained encoder does not: not BM25's
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])

@@ -130,12 +130,23 @@ def test_export_parity_runtime_and_save_load(tmp_path, kind, tiny_decoder, tiny_
     for q, ps in GROUPS:
         assert np.allclose(loaded.score(q, ps), model.score(q, ps), atol=1e-6)
     config = ExportConfig(variants=["fp32", "int8"])
-    if kind == "encoder":  # a random BERT scores every pair within ~0.02: int8 noise reorders those near-ties
-        config.tolerance["int8"] = Tolerance(max_abs=0.2, min_spearman=-1.0)
+    if kind == "encoder":
+        # A random BERT scores every pair of a query within ~0.02 of each other; int8 shifts them all by about
+        # as much (measured: max |diff| 0.0205, Spearman 0.986, top-1 agreement 1.0 on this model), mostly
+        # together, so the order survives but for a near-tie. The tolerance is 5x that error and lets a few
+        # near-ties swap, while an export whose ranking is unrelated to torch's is refused: with the head
+        # quantized too, Spearman 0.10 (max |diff| 0.071); scores shuffled within each query, -0.33.
+        config.tolerance["int8"] = Tolerance(max_abs=0.1, min_spearman=0.7)
     reports = export_variants(model, tmp_path / "onnx", config, GROUPS)
+    assert "refused" not in reports["int8"]
     assert reports["fp32"]["max_abs"] < 1e-4 and reports["fp32"]["spearman"] > 0.999
     if kind == "decoder":  # per-tensor int8 with the head fp32 (per channel: 4.4 / 0.957 on this model)
         assert reports["int8"]["max_abs"] < 1.0 and reports["int8"]["spearman"] > 0.99
+    else:
+        assert reports["int8"]["max_abs"] < 0.1 and reports["int8"]["spearman"] >= 0.7
+        # it is quantized (not a copy of fp32): a tolerance at the fp32 level would refuse it
+        assert reports["int8"]["max_abs"] > 100 * reports["fp32"]["max_abs"]
+        assert not within(reports["int8"], Tolerance(max_abs=1e-3, min_spearman=0.999))
     runtime = OnnxReranker(tmp_path / "onnx" / "fp32", threads=1, batch_size=2)  # several batches, length-sorted
     assert runtime.provider == "CPUExecutionProvider"
     for q, ps in GROUPS:
