@@ -2,7 +2,7 @@
 hard negatives for training.
 
     python -m irbase.bm25 index --config configs/mini.yaml
-    python -m irbase.bm25 search --config configs/mini.yaml "what is the capital of australia"
+    python -m irbase.bm25 search --config configs/mini.yaml -q "what is the capital of australia"
     python -m irbase.bm25 mine --config configs/mini.yaml --out runs/mini/negatives.bm25.tsv
 """
 from __future__ import annotations

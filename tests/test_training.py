@@ -1,7 +1,9 @@
 """DeepSpeed training end to end on a tiny model, in subprocesses as a user runs it: an interrupted run
 resumes from its last checkpoint and ends with the same weights as an uninterrupted one."""
+import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,14 +112,102 @@ def test_config_changes_by_hand():
     assert config_changes(old, old) == []
 
 
-@pytest.mark.parametrize("module", ["biencoder.train", "biencoder.encode", "biencoder.index", "biencoder.mine",
-                                    "crossencoder.train", "crossencoder.export", "pipeline.build", "pipeline.search",
-                                    "benchmarks.run", "benchmarks.sweep", "benchmarks.compare", "benchmarks.rerank",
-                                    "benchmarks.load", "irbase.bm25", "irbase.download", "irbase.slice"])
+ENTRY_POINTS = ["biencoder.train", "biencoder.encode", "biencoder.index", "biencoder.mine", "biencoder.evaluate",
+                "crossencoder.train", "crossencoder.export", "querygen.train", "querygen.generate", "querygen.filter",
+                "pipeline.build", "pipeline.search", "benchmarks.run", "benchmarks.sweep", "benchmarks.compare",
+                "benchmarks.rerank", "benchmarks.load", "benchmarks.fusion", "benchmarks.paired", "irbase.bm25",
+                "irbase.download", "irbase.slice"]
+LAUNCHED = ["biencoder.train", "crossencoder.train", "querygen.train", "biencoder.encode"]  # by `deepspeed`
+_OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9_-]*|-[a-z])(?![\w-])")
+
+
+def documented_usage(module: str) -> list[str]:
+    """The command lines the module's docstring shows (indented `python -m M ...` or `deepspeed ... --module M
+    ...` with their continuation lines, or quoted in the prose), each from just after the module name."""
+    doc = ast.get_docstring(ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text()))
+    lines, usage = doc.splitlines(), []
+    for i, line in enumerate(lines):
+        found = re.search(rf"(?:python -m|--module) {re.escape(module)}(?![\w.])(.*)", line)
+        if found and line.startswith("    "):
+            text = found.group(1)
+            for more in lines[i + 1:]:  # a continuation: indented deeper, not a command of its own
+                if not more.startswith("     ") or "python -m" in more or "deepspeed" in more:
+                    break
+                text += " " + more.strip()
+            usage.append(text)
+        usage += re.findall(rf"`python -m {re.escape(module)}(?![\w.])([^`]*)`", line)  # one quoted in prose
+    return usage
+
+
+def _help(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args, "--help"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=120)
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_entry_points_have_help(module):
-    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
-    assert result.returncode == 0 and "usage: python -m" in result.stdout
+    """`python -m M --help` as a user types it: exit 0, the usage names M, and every option the module's
+    docstring shows in its command lines is one the parser has (a documented flag that was renamed or
+    dropped would make the documented command exit 2)."""
+    usage = documented_usage(module)
+    assert usage, f"{module}'s docstring shows no `python -m {module}` command line"
+    result = _help(module)
+    assert result.returncode == 0 and result.stderr.count("Traceback") == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"usage: python -m {module} "), result.stdout[:200]
+    subcommands = re.search(r"^positional arguments:\n +\{([\w,-]+)\}", result.stdout, re.M)
+    subcommands = subcommands.group(1).split(",") if subcommands else []
+    checked = 0
+    for line in usage:
+        line = line.split(" #")[0]  # a shell comment beside the command
+        words = line.split()
+        text = result.stdout
+        if subcommands:  # e.g. `irbase.bm25 search --config ...`: the options are the subcommand's
+            assert words and words[0] in subcommands, (line, subcommands)
+            sub = _help(module, words[0])
+            assert sub.returncode == 0 and sub.stdout.startswith(f"usage: python -m {module} {words[0]} ")
+            text = sub.stdout
+        for option in _OPTION.findall(line):
+            assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text), \
+                f"{module}: the docstring shows {option} ({line.strip()!r}); --help does not list it"
+            checked += 1
+    assert checked, f"{module}: its documented command lines show no option (not even --config)"
+
+
+class _Parsed(Exception):
+    """Raised by a stand-in for the first thing a command does after parsing its arguments."""
+
+
+@pytest.mark.parametrize("module", LAUNCHED)
+def test_the_deepspeed_launcher_argument_is_accepted(module, monkeypatch, tmp_path):
+    """`deepspeed --module M a b` runs `python -u -m M --local_rank=<rank> a b` (deepspeed/launcher/launch.py):
+    argparse must take the extra flag, not exit 2 before the job starts. The job itself is replaced by a
+    stand-in that records what the command line parsed to."""
+    import importlib
+    import importlib.util
+
+    launcher = (Path(importlib.util.find_spec("deepspeed").origin).parent / "launcher" / "launch.py").read_text()
+    assert '"--local_rank={local_rank}"' in launcher  # the form this test passes it in, before the user's
+    entry = importlib.import_module(module)
+    seen = []
+
+    def stand_in(*args, **kwargs):
+        # a trainer hands train(config, overrides); encode's first step is load_section(config, "data", cls,
+        # overrides)
+        seen.append((args[0], list(args[-1])))
+        raise _Parsed
+
+    monkeypatch.setattr(entry, "load_section" if module == "biencoder.encode" else "train", stand_in)
+    config = str(tmp_path / "c.yaml")
+    argv = ["--local_rank=0", "--config", config, "run.seed=3", "encode.batch_size=2"]
+    with pytest.raises(_Parsed):
+        entry.main(argv)
+    assert seen == [(config, ["run.seed=3", "encode.batch_size=2"])]
+    with pytest.raises(_Parsed):  # the separate-value form a hand-written launcher may use
+        entry.main(["--config", config, "--local_rank", "1"])
+    assert seen[-1] == (config, [])
+    with pytest.raises(SystemExit) as refused:  # an unknown flag still exits 2: the parser is not lenient
+        entry.main(["--local-rank-typo=0", "--config", config])
+    assert refused.value.code == 2 and len(seen) == 2
 
 
 @pytest.mark.parametrize("avx512_bf16, amx", [(False, False), (True, False), (True, True)])

@@ -4,8 +4,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from irbase.artifacts import (ArtifactError, atomic_dir, atomic_write_text, check_inputs, read_manifest,
-                              write_manifest)
+from irbase.artifacts import (ArtifactError, atomic_dir, atomic_path, atomic_write_json, check_inputs,
+                              read_manifest, write_manifest)
 from irbase.config import ConfigError, load_section, load_yaml
 from irbase.formats import DataFormatError
 from irbase.trec import read_trec_run, write_trec_run
@@ -73,16 +73,58 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    """Each writer fails for real part way through; what was there before survives byte for byte, and no
+    temporary is left in the folder."""
     path = tmp_path / "a.json"
-    atomic_write_text(path, "old")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(tmp_path / "d") as tmp:
-            (tmp / "partial").write_text("x")
+    old = b'{"old": [1, 2, 3]}\n\xc3\xa9 not rewritten\n'
+    path.write_bytes(old)
+    before_mode = os.stat(path).st_mode
+    with pytest.raises(RuntimeError, match="crash mid-write"):
+        with atomic_path(path) as tmp:
+            assert tmp.parent == tmp_path  # beside the target: the rename stays on one file system
+            with open(tmp, "wb") as f:
+                f.write(b'{"new": ')  # half of the new content is on disk when the block fails
+                f.flush()
+                os.fsync(f.fileno())
+            assert path.read_bytes() == old  # nothing replaced before the block ends
             raise RuntimeError("crash mid-write")
-    assert not (tmp_path / "d").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp files left behind
-    assert path.read_text() == "old"
-    assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)
+    assert path.read_bytes() == old and os.stat(path).st_mode == before_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+    # an object json cannot serialise: the write fails before anything replaces the old file
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        atomic_write_json(path, {"fine": 1, "bad": object()})
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+    # a directory: the old one survives whole, and neither the temporary nor a half-swapped `.old` remains
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "keep.bin").write_bytes(b"\x00\x01old")
+    (target / "sub").mkdir()
+    (target / "sub" / "x.txt").write_text("nested", encoding="utf-8")
+    with pytest.raises(RuntimeError, match="crash mid-build"):
+        with atomic_dir(target) as tmp:
+            assert tmp.parent == tmp_path
+            (tmp / "keep.bin").write_bytes(b"new")
+            (tmp / "partial").write_text("x")
+            raise RuntimeError("crash mid-build")
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["keep.bin", "sub", "sub/x.txt"]
+    assert (target / "keep.bin").read_bytes() == b"\x00\x01old"
+    assert (target / "sub" / "x.txt").read_bytes() == b"nested"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "d"]
+
+    # and a write that succeeds replaces the file, with the permissions of a normally created file
+    atomic_write_json(path, {"new": True})
+    assert json.loads(path.read_text()) == {"new": True}
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "d"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_atomic_dir_replaces_whole(tmp_path):
