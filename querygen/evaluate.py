@@ -42,13 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                vocab_map(model.vocab.tolist(), len(model.tokenizer)), 1, run.seed)
     pairs = args.pairs or recipe.eval_pairs
     results = {}
-    for name, variant in (("fp32", model), ("int8", quantize(model)), ("int8_fp32_head", quantize(model, head=False))):
+    configured = recipe.generate
+    variants = {"fp32": lambda: model, "int8": lambda: quantize(model),
+                "int8_fp32_head": lambda: quantize(model, head=False),
+                "int8_configured": lambda: quantize(model, configured.int8_head, configured.int8_keep_fp32)}
+    for name, make in variants.items():
+        variant = make()
         start = time.perf_counter()
         results[name] = {"nll_per_token": heldout_nll(variant, batches, held, pairs),
                          "seconds": time.perf_counter() - start}
         print(f"{name}: held-out query NLL/token {results[name]['nll_per_token']:.4f} "
               f"({results[name]['seconds']:.0f} s for {pairs} pairs)")
-    for name in ("int8", "int8_fp32_head"):
+    results["configured"] = {"int8_head": configured.int8_head, "int8_keep_fp32": configured.int8_keep_fp32}
+    for name in ("int8", "int8_fp32_head", "int8_configured"):
         results[f"{name}_minus_fp32"] = results[name]["nll_per_token"] - results["fp32"]["nll_per_token"]
     atomic_write_json(out / "precision.json", {"pairs": pairs, **results})
     return 0

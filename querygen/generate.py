@@ -46,6 +46,7 @@ class GenerateConfig:
     shard_size: int = 1024           # passages per resumable shard
     int8: bool = True                # CPU: dynamic int8 on the Linear layers (~2.8x faster on 2 cores)
     int8_head: bool = True           # the output head in int8 too (querygen.evaluate measures both)
+    int8_keep_fp32: list[str] = field(default_factory=lambda: ["down_proj"])  # Linear layers kept fp32 (name suffix)
     threads: int | None = 2
     # the first N passages only, rounded up to whole shards (smoke runs, or a first look): shards do not
     # depend on it, so a later full run keeps them and goes on
@@ -56,17 +57,19 @@ def output_dir(run_dir: str | Path, name: str) -> Path:
     return Path(run_dir) / name / "generated"
 
 
-def quantize(model: QueryGenerator, head: bool = True) -> QueryGenerator:
-    """A copy with dynamic int8 weights, per output channel, in the backbone's Linear layers and (with
-    `head`) the sliced output head; activations are quantized per batch. CPU only. Per channel: on the
-    untuned base LM it cost +0.27 query NLL/token against +0.39 per tensor (shared/notes/generation-cost.md)."""
+def quantize(model: QueryGenerator, head: bool = True, keep_fp32: Sequence[str] = ()) -> QueryGenerator:
+    """A copy with dynamic int8 weights, per output channel, in the backbone's Linear layers (but those
+    whose name ends with one of `keep_fp32`) and (with `head`) the sliced output head; activations are
+    quantized per batch. CPU only. Per channel: on the untuned base LM it cost +0.27 query NLL/token
+    against +0.39 per tensor (shared/notes/generation-cost.md)."""
     import copy
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     quantized = copy.deepcopy(model)
-    quantized.backbone = quantize_dynamic(quantized.backbone, {torch.nn.Linear: per_channel_dynamic_qconfig},
-                                          dtype=torch.qint8)
+    spec = {name: per_channel_dynamic_qconfig for name, module in quantized.backbone.named_modules()
+            if isinstance(module, torch.nn.Linear) and not name.endswith(tuple(keep_fp32))}
+    quantized.backbone = quantize_dynamic(quantized.backbone, spec, dtype=torch.qint8)
     if head:
         quantized.head = quantize_dynamic(torch.nn.Sequential(quantized.head), {torch.nn.Linear:
                                           per_channel_dynamic_qconfig}, dtype=torch.qint8)[0]
@@ -93,15 +96,19 @@ def generate_shard(model: QueryGenerator, encoder: PromptEncoder, passages: list
     """The shard's TSV text (`pid  j  query` per line) and the tokens it decoded."""
     generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{shard}".encode()))
     n = config.sampling.per_passage
-    lines, decoded = [], 0
-    for start in range(0, len(passages), config.batch_size):
-        chunk = passages[start:start + config.batch_size]
-        tokens, count = sample(model, encoder.prompts([text for _, text in chunk]), config.sampling,
-                               generator, stop)
+    prompts = encoder.prompts([text for _, text in passages])
+    # batches of similar length: the prefill is most of the work and pads each batch to its longest prompt
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    lines: list[str] = [""] * len(passages)
+    decoded = 0
+    for start in range(0, len(order), config.batch_size):
+        chunk = order[start:start + config.batch_size]
+        tokens, count = sample(model, [prompts[i] for i in chunk], config.sampling, generator, stop)
         decoded += count
-        for row, ids in enumerate(tokens):
-            query = _clean(model.tokenizer.decode(ids, skip_special_tokens=True))
-            lines.append(f"{chunk[row // n][0]}\t{row % n}\t{query}\n")
+        for k, i in enumerate(chunk):
+            queries = [_clean(model.tokenizer.decode(ids, skip_special_tokens=True))
+                       for ids in tokens[k * n:(k + 1) * n]]
+            lines[i] = "".join(f"{passages[i][0]}\t{j}\t{q}\n" for j, q in enumerate(queries))
         bar.update(len(chunk))
     return "".join(lines), decoded
 
@@ -136,7 +143,7 @@ def generate(config_path: str | None, overrides: Sequence[str]) -> Path:
                             model.config.query_max_tokens)
     stop = stop_tokens(model)
     if config.int8 and model.device.type == "cpu":
-        model = quantize(model, head=config.int8_head)
+        model = quantize(model, head=config.int8_head, keep_fp32=config.int8_keep_fp32)
     model.eval()
     limit = None if config.max_passages is None else -(-config.max_passages // config.shard_size) * config.shard_size
     total = sum(1 for _ in islice(dataset.iter_collection(), limit))
