@@ -145,6 +145,9 @@ class _Engine(torch.nn.Module):
         Path(path, tag).mkdir(parents=True)
 
 
+_port_before = os.environ.get("MASTER_PORT")
+
+
 def test_every_tensor_reaches_the_engine_on_its_device(tmp_path, monkeypatch):
     import deepspeed
 
@@ -158,13 +161,21 @@ def test_every_tensor_reaches_the_engine_on_its_device(tmp_path, monkeypatch):
             for _ in range(skip, 3):
                 yield {"ids": torch.ones(2, 3, dtype=torch.long), "mask": torch.ones(2, 3), "num_examples": 2}
 
+    import irbase.training
+
     engine = _Engine(torch.nn.Linear(2, 2), "meta")
     monkeypatch.setattr(deepspeed, "initialize",
                         lambda model, optimizer, lr_scheduler, config: (engine, optimizer, None, lr_scheduler))
+    # no process group in the test process: it would hold its port and leave RANK/MASTER_PORT set for the
+    # subprocesses of later tests
+    monkeypatch.setattr(irbase.training, "init_distributed", lambda: (0, 1))
+    saved = []
+    monkeypatch.setattr(Trainer, "_save", lambda self, engine, state, rank: saved.append(state["global_step"]))
     config = TrainConfig(deepspeed_config=str(REPO / "configs/deepspeed/cpu_fp32.json"), batch_size=2, max_steps=3,
                          save_every=10)
     Trainer(torch.nn.Linear(2, 2), config, tmp_path, Source()).train()
-    assert len(engine.seen) == 3
+    assert len(engine.seen) == 3 and saved == [3]
+    assert os.environ.get("MASTER_PORT") == _port_before  # nothing leaks into later tests
     assert all(device.type == "meta" for seen in engine.seen for device in seen.values())
 
 
