@@ -15,7 +15,7 @@ R2 := biencoder.name=biencoder-r2 biencoder.init_from=$(RUN_DIR)/biencoder/model
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip install -q -e ".[$(EXTRA),base-lm,dev]"
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip install -q -e ".[$(EXTRA),base-lm,serve,dev]"
 	touch $@
 
 install: $(VENV)/.installed

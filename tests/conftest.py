@@ -94,3 +94,39 @@ def tiny_decoder(tmp_path_factory) -> Path:
 def tiny_encoder(tmp_path_factory) -> Path:
     return make_tiny_lm(tmp_path_factory.mktemp("lm") / "encoder", "encoder",
                         list(PASSAGES.values()) + list(QUERIES.values()))
+
+
+def build_tiny_run(root: Path, tiny_decoder: Path, tiny_encoder: Path) -> Path:
+    """A served run over the tiny collection: random bi-encoder and cross-encoder (fp32 ONNX), HNSW index,
+    passage store. Rankings are arbitrary but deterministic."""
+    from dataclasses import asdict
+
+    import torch
+
+    from biencoder.encode import EncodeConfig
+    from biencoder.index import IndexConfig
+    from biencoder.model import BiEncoder, BiEncoderConfig
+    from crossencoder.export import ExportConfig, export_variants
+    from crossencoder.model import CrossEncoder, CrossEncoderConfig
+    from irbase.artifacts import model_fingerprint
+    from irbase.lm import BaseLMConfig
+    from pipeline import Retriever
+    from pipeline.config import RunRecord, ServingConfig
+
+    collection = write_tsv(root / "data" / "collection.tsv", PASSAGES.items())
+    run = root / "run"
+    BiEncoder.from_base(BiEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_encoder)))).save(run / "bi" / "model")
+    ce = CrossEncoder.from_base(CrossEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_decoder), bidirectional=True)))
+    torch.nn.init.normal_(ce.head.weight, std=1.0)
+    ce.save(run / "ce" / "model")
+    export_variants(ce, run / "ce" / "onnx", ExportConfig(variants=["fp32"]),
+                    [(q, list(PASSAGES.values())) for q in QUERIES.values()],
+                    extra={"model": model_fingerprint(run / "ce" / "model")})
+    RunRecord(serving=ServingConfig(biencoder="bi", crossencoder="ce", variant="fp32", candidates=5, depth=3,
+                                    threads=1, rerank_batch=2, query_bf16=False, rerank_weight=None),
+              fingerprints={"biencoder": model_fingerprint(run / "bi" / "model"),
+                            "crossencoder": model_fingerprint(run / "ce" / "model")},
+              encode=asdict(EncodeConfig(batch_size=4, shard_size=4, dtype="float32", bf16=False)),
+              index=asdict(IndexConfig(kind="hnsw", m=8, ef_construction=16, ef_search=16, gpu=False))).save(run)
+    Retriever(run, depth=0).embed_and_store_corpus(collection)
+    return run

@@ -18,7 +18,7 @@ import pytest
 
 from irbase.artifacts import ArtifactError, model_fingerprint
 from irbase.lm import BaseLMConfig
-from tests.conftest import PASSAGES, QUERIES, write_tsv
+from tests.conftest import PASSAGES, QUERIES, build_tiny_run, write_tsv
 
 from biencoder.encode import EncodeConfig
 from biencoder.index import IndexConfig
@@ -36,26 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_decoder, tiny_encoder) -> Path:
-    import torch
-
-    root = tmp_path_factory.mktemp("run")
-    collection = write_tsv(root / "data" / "collection.tsv", PASSAGES.items())
-    run = root / "run"
-    BiEncoder.from_base(BiEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_encoder)))).save(run / "bi" / "model")
-    ce = CrossEncoder.from_base(CrossEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_decoder), bidirectional=True)))
-    torch.nn.init.normal_(ce.head.weight, std=1.0)
-    ce.save(run / "ce" / "model")
-    export_variants(ce, run / "ce" / "onnx", ExportConfig(variants=["fp32"]),
-                    [(q, list(PASSAGES.values())) for q in QUERIES.values()],
-                    extra={"model": model_fingerprint(run / "ce" / "model")})
-    RunRecord(serving=ServingConfig(biencoder="bi", crossencoder="ce", variant="fp32", candidates=5, depth=3,
-                                    threads=1, rerank_batch=2, query_bf16=False, rerank_weight=None),
-              fingerprints={"biencoder": model_fingerprint(run / "bi" / "model"),
-                            "crossencoder": model_fingerprint(run / "ce" / "model")},
-              encode=asdict(EncodeConfig(batch_size=4, shard_size=4, dtype="float32", bf16=False)),
-              index=asdict(IndexConfig(kind="hnsw", m=8, ef_construction=16, ef_search=16, gpu=False))).save(run)
-    Retriever(run, depth=0).embed_and_store_corpus(collection)
-    return run
+    return build_tiny_run(tmp_path_factory.mktemp("run"), tiny_decoder, tiny_encoder)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,262 @@
+"""The HTTP service over a tiny run: answers equal the Retriever's, every bad input is a 4xx naming its
+field, a fault is a 500 without its traceback, concurrent requests answer as sequential ones, SIGTERM
+stops it cleanly, and the page works in headless Chromium."""
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from pipeline import Retriever  # noqa: E402
+from pipeline.serve import ServeConfig, create_app  # noqa: E402
+from tests.conftest import PASSAGES, QUERIES, build_tiny_run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LIMITS = ServeConfig(max_k=20, max_depth=6, max_query_chars=200, max_batch=3, max_body_bytes=2048, warmup=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_decoder, tiny_encoder) -> Path:
+    return build_tiny_run(tmp_path_factory.mktemp("serve"), tiny_decoder, tiny_encoder)
+
+
+@pytest.fixture(scope="module")
+def retriever(tiny_run) -> Retriever:
+    return Retriever(tiny_run, latency_budget_ms=60_000)  # no deadline cuts: answers are comparable
+
+
+@pytest.fixture(scope="module")
+def client(retriever) -> TestClient:
+    return TestClient(create_app(retriever, LIMITS), raise_server_exceptions=False)
+
+
+def ranked(payload: dict) -> list[tuple[str, float]]:
+    return [(r["document_id"], round(r["score"], 5)) for r in payload["results"]]
+
+
+def test_get_and_post_answer_what_the_retriever_answers(client, retriever):
+    query = QUERIES["q1"]
+    expected = [(r.document_id, round(r.score, 5)) for r in retriever.search_detailed(query, 4).results]
+    got = client.get("/search", params={"q": query, "k": 4})
+    assert got.status_code == 200
+    body = got.json()
+    assert ranked(body) == expected and len(expected) == 4
+    assert body["results"][0]["document_text"] == PASSAGES[body["results"][0]["document_id"]]
+    assert body["reranked"] == 3 and body["cut_by_deadline"] is False
+    assert {"encode", "ann", "fetch", "rerank", "total"} <= set(body["timings_ms"])
+    posted = client.post("/search", json={"query": query, "k": 4})
+    assert posted.status_code == 200 and ranked(posted.json()) == expected
+    shallow = client.get("/search", params={"q": query, "k": 4, "depth": 0}).json()
+    assert shallow["reranked"] == 0 and shallow["depth"] == 0
+
+
+def test_a_batch_answers_each_query_in_order(client, retriever):
+    queries = [QUERIES["q1"], QUERIES["q2"], QUERIES["q3"]]
+    got = client.post("/search", json={"queries": queries, "k": 2})
+    assert got.status_code == 200
+    responses = got.json()["responses"]
+    assert len(responses) == 3
+    for query, response in zip(queries, responses):
+        assert ranked(response) == [(r.document_id, round(r.score, 5)) for r in retriever.search(query, 2)]
+
+
+def test_concurrent_requests_give_the_sequential_answers(client):
+    queries = list(QUERIES.values()) * 4
+    sequential = [ranked(client.get("/search", params={"q": q, "k": 5}).json()) for q in queries]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        concurrent = list(pool.map(lambda q: ranked(client.get("/search", params={"q": q, "k": 5}).json()), queries))
+    assert concurrent == sequential
+
+
+BAD_GET = [
+    ({"q": ""}, 422, "q"), ({"q": "   \t"}, 422, "q"), ({}, 422, "q"),
+    ({"q": "x" * 201}, 422, "q"), ({"q": "ok", "k": 0}, 422, "k"), ({"q": "ok", "k": 21}, 422, "k"),
+    ({"q": "ok", "k": "ten"}, 422, "k"), ({"q": "ok", "depth": -1}, 422, "depth"),
+    ({"q": "ok", "depth": 7}, 422, "depth"), ({"q": "ok", "depth": "1.5"}, 422, "depth"),
+]
+
+
+@pytest.mark.parametrize("params,status,field", BAD_GET)
+def test_bad_get_requests_are_4xx_naming_the_field(client, params, status, field):
+    got = client.get("/search", params=params)
+    assert got.status_code == status, got.text
+    assert got.json()["field"] == field and got.json()["error"]
+
+
+BAD_POST = [
+    ({"query": "ok", "k": 1.5}, 422, "k"), ({"query": "ok", "k": True}, 422, "k"), ({"query": "ok", "k": "3"}, 422, "k"),
+    ({"query": "ok", "colour": "red"}, 422, "colour"), ({}, 422, "query"),
+    ({"query": "ok", "queries": ["ok"]}, 422, "query"), ({"query": 3}, 422, "query"),
+    ({"queries": []}, 422, "queries"), ({"queries": ["a", "b", "c", "d"]}, 422, "queries"),
+    ({"queries": ["fine", " "]}, 422, "queries[1]"), ({"queries": "not a list"}, 422, "queries"),
+    ({"query": "ok", "depth": 99}, 422, "depth"), ([1, 2], 422, "body"),
+]
+
+
+@pytest.mark.parametrize("body,status,field", BAD_POST)
+def test_bad_post_bodies_are_4xx_naming_the_field(client, body, status, field):
+    got = client.post("/search", json=body)
+    assert got.status_code == status, got.text
+    assert got.json()["field"] == field and got.json()["error"]
+
+
+def test_malformed_json_and_oversized_bodies_are_refused(client):
+    got = client.post("/search", content=b'{"query": "ok",', headers={"content-type": "application/json"})
+    assert got.status_code == 400 and got.json()["field"] == "body" and "malformed JSON" in got.json()["error"]
+    big = json.dumps({"query": "ok", "pad": "x" * 3000}).encode()
+    got = client.post("/search", content=big, headers={"content-type": "application/json"})
+    assert got.status_code == 413 and got.json()["field"] == "body"
+
+    def chunks():  # no Content-Length: counted as it streams in
+        for _ in range(5):
+            yield b" " * 1000
+
+    got = client.post("/search", content=chunks(), headers={"content-type": "application/json"})
+    assert got.status_code == 413
+
+
+def test_a_server_fault_is_logged_and_answered_500_without_the_traceback(tiny_run, caplog):
+    class Broken:
+        record = None
+
+        def search_detailed(self, query, k, depth=None):
+            raise RuntimeError("index exploded: secret detail")
+
+    client = TestClient(create_app(Broken(), LIMITS), raise_server_exceptions=False)
+    with caplog.at_level(logging.INFO, logger="pipeline.serve"):
+        got = client.get("/search", params={"q": "ok"})
+    assert got.status_code == 500
+    assert "secret" not in got.text and "Traceback" not in got.text
+    assert any("index exploded" in (r.exc_text or "") or r.exc_info for r in caplog.records if r.levelno >= logging.ERROR)
+    assert any(" /search 500 " in r.getMessage() for r in caplog.records)
+
+
+def test_health_page_and_openapi(client, tiny_run):
+    health = client.get("/health").json()
+    assert health["corpus"]["passages"] == len(PASSAGES) and health["run_dir"] == str(tiny_run)
+    assert set(health["fingerprints"]) == {"biencoder", "crossencoder"} and health["serving"]["depth"] == 3
+    page = client.get("/")
+    assert page.status_code == 200 and "<form" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # self-contained: nothing fetched elsewhere
+    assert "/search" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    """A real `python -m pipeline.serve` on a loopback port; yields (url, process, log path)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    out = open(log, "w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", "--run", str(tiny_run), "--port", str(port),
+                             "serve.warmup=1"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            pytest.fail(f"pipeline.serve exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail(f"pipeline.serve did not answer within 60 s:\n{log.read_text()}")
+    yield url, proc, log
+    if proc.poll() is None:
+        proc.kill()
+    out.close()
+
+
+def test_the_real_service_answers_logs_each_request_and_stops_on_sigterm(server):
+    url, proc, log = server
+    with urllib.request.urlopen(url + "/search?q=do+goldfish+grow&k=2", timeout=30) as response:
+        body = json.loads(response.read())
+    assert len(body["results"]) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    text = log.read_text()
+    assert "GET /search 200" in text and "shut down cleanly" in text
+
+
+def _chromium() -> tuple[str, str] | None:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (binary, driver) if binary and driver else None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium and chromedriver are not installed "
+                    "(apt-get install chromium chromium-driver; .ci/run installs them)")
+def test_the_page_in_headless_chromium(tiny_run, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", "--run", str(tiny_run), "--port", str(port),
+                             "serve.warmup=0"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    binary, driver_path = _chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(flag)
+    browser = None
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, "pipeline.serve exited"
+                time.sleep(0.1)
+        browser = webdriver.Chrome(service=Service(driver_path), options=options)
+        browser.get(url)
+        box = browser.find_element(By.ID, "q")
+        box.send_keys("capital of australia")
+        browser.find_element(By.ID, "k").clear()
+        browser.find_element(By.ID, "k").send_keys("4")
+        browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "li.result")) > 0)
+        results = browser.find_elements(By.CSS_SELECTOR, "li.result")
+        assert len(results) == 4
+        marks = [m.text.lower() for m in browser.find_elements(By.CSS_SELECTOR, "li.result mark")]
+        assert marks and set(marks) <= {"capital", "of", "australia"}
+        assert "australia" in marks
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".tag.reranked")) == 3  # the run reranks 3
+        assert "reranked 3 of 3" in browser.find_element(By.ID, "timings").text
+        browser.save_screenshot(str(tmp_path / "results.png"))
+        box.clear()
+        box.send_keys(" ")
+        browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait.until(lambda b: b.find_element(By.ID, "error").is_displayed())
+        assert browser.find_element(By.ID, "error").text.startswith("q: ")
+        assert not browser.find_elements(By.CSS_SELECTOR, "li.result")
+        browser.save_screenshot(str(tmp_path / "error.png"))
+        assert (tmp_path / "results.png").stat().st_size > 5000
+    finally:
+        if browser is not None:
+            browser.quit()
+        proc.terminate()
+        proc.wait(timeout=30)
