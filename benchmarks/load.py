@@ -1,8 +1,10 @@
 """Concurrent clients against one searcher: throughput and tail latency as load grows.
 
     python -m benchmarks.load --config configs/mini.yaml --split dev --concurrency 1 2 4 --queries 100
+    python -m benchmarks.load --url http://127.0.0.1:8000 --concurrency 1 4 16 --queries 200   # a running service
 
-N threads share one `Retriever()` (as a web server's workers would) and each calls `search` for its
+N threads share one `Retriever()` (as a web server's workers would), or with `--url` N clients drive
+`python -m pipeline.serve` over HTTP, and each calls `search` for its
 share of a fixed query list; latency is measured per call, wall time over the whole batch. Recall@1 is
 measured too: under load the deadline makes the pipeline rerank fewer candidates, so it trades quality
 for latency, and the table shows how much.
@@ -10,7 +12,10 @@ for latency, and the table shows how much.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import urllib.parse
+import urllib.request
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +25,23 @@ from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset
 from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig, RunConfig
-from irbase.search import Searcher
+from irbase.search import Result, Searcher
 
 from benchmarks.harness import latency_summary, select_queries
 from pipeline.retriever import Retriever
+
+
+class HttpSearcher:
+    """The service's GET /search as a Searcher: one HTTP request per query (a new connection each)."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0):
+        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+
+    def search(self, query: str, k: int) -> list[Result]:
+        params = urllib.parse.urlencode({"q": query, "k": k})
+        with urllib.request.urlopen(f"{self.url}/search?{params}", timeout=self.timeout_s) as response:
+            body = json.loads(response.read())
+        return [Result(r["document_id"], r["document_text"], r["score"]) for r in body["results"]]
 
 
 def load_test(searcher: Searcher, queries: Sequence[tuple[str, str]], concurrency: int, k: int = 10,
@@ -35,10 +53,17 @@ def load_test(searcher: Searcher, queries: Sequence[tuple[str, str]], concurrenc
     ranked: dict[str, list[str]] = {}
     lock = threading.Lock()
 
+    errors: list[str] = []
+
     def one(query: tuple[str, str]) -> None:
         qid, text = query
         start = time.perf_counter()
-        results = searcher.search(text, k)
+        try:
+            results = searcher.search(text, k)
+        except (OSError, ValueError) as exc:  # an HTTP error or a dropped connection counts, and the run goes on
+            with lock:
+                errors.append(f"{qid}: {exc}")
+            return
         elapsed = (time.perf_counter() - start) * 1000.0
         with lock:
             latencies.append(elapsed)
@@ -49,7 +74,8 @@ def load_test(searcher: Searcher, queries: Sequence[tuple[str, str]], concurrenc
         list(pool.map(one, queries))
     wall = time.perf_counter() - start
     row = {"concurrency": concurrency, "queries": len(queries), "wall_s": wall,
-           "queries_per_s": len(queries) / wall, "latency_ms": latency_summary(latencies)}
+           "queries_per_s": len(queries) / wall, "latency_ms": latency_summary(latencies), "errors": len(errors),
+           "first_errors": errors[:3]}
     if qrels is not None:
         judged = {qid: qrels[qid] for qid in ranked if qid in qrels}
         row["recall@1"] = evaluate(ranked, judged, min_relevance=min_relevance, recall_ks=(1,)).means["recall@1"]
@@ -58,11 +84,11 @@ def load_test(searcher: Searcher, queries: Sequence[tuple[str, str]], concurrenc
 
 def load_table(rows: list[dict]) -> str:
     with_recall = all("recall@1" in r for r in rows)
-    lines = ["| clients | queries | queries/s | p50 ms | p95 ms | p99 ms |" + (" recall@1 |" if with_recall else ""),
-             "|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_recall else "")]
+    lines = ["| clients | queries | errors | queries/s | p50 ms | p95 ms | p99 ms |" + (" recall@1 |" if with_recall else ""),
+             "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_recall else "")]
     for r in rows:
         lat = r["latency_ms"]
-        lines.append(f"| {r['concurrency']} | {r['queries']} | {r['queries_per_s']:.2f} | {lat['p50']:.0f} | "
+        lines.append(f"| {r['concurrency']} | {r['queries']} | {r.get('errors', 0)} | {r['queries_per_s']:.2f} | {lat['p50']:.0f} | "
                      f"{lat['p95']:.0f} | {lat['p99']:.0f} |" + (f" {r['recall@1']:.3f} |" if with_recall else ""))
     return "\n".join(lines)
 
@@ -74,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--url", help="drive a running `python -m pipeline.serve` at this URL instead of an "
+                                      "in-process Retriever")
     add_config_args(parser)
     args = parser.parse_args(argv)
     run = load_section(args.config, "run", RunConfig, args.overrides)
@@ -81,11 +109,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = Dataset.from_dir(data.root, args.split or data.dev_split)
     queries = select_queries(dataset, args.queries, run.seed)
     qrels = dataset.qrels if dataset.qrels_path is not None else None
-    retriever = Retriever(run.dir)
-    retriever.warmup()
-    rows = [load_test(retriever, queries, c, args.k, qrels) for c in args.concurrency]
+    if args.url:
+        searcher: Searcher = HttpSearcher(args.url)
+    else:
+        searcher = Retriever(run.dir)
+        searcher.warmup()
+    rows = [load_test(searcher, queries, c, args.k, qrels) for c in args.concurrency]
     print(load_table(rows))
-    return 0
+    for r in rows:
+        for error in r["first_errors"]:
+            print(f"error ({r['concurrency']} clients): {error}", file=sys.stderr)
+    return 1 if any(r["errors"] for r in rows) else 0
 
 
 if __name__ == "__main__":

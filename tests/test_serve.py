@@ -187,6 +187,20 @@ def server(tiny_run, tmp_path_factory):
     out.close()
 
 
+def test_the_load_benchmark_drives_the_service_over_http(server):
+    from benchmarks.load import HttpSearcher, load_test
+    from tests.conftest import QRELS
+
+    url, _, _ = server
+    queries = list(QUERIES.items()) * 3
+    one = load_test(HttpSearcher(url), queries, 1, k=5, qrels=QRELS)
+    four = load_test(HttpSearcher(url), queries, 4, k=5, qrels=QRELS)
+    assert one["errors"] == four["errors"] == 0 and one["queries"] == four["queries"] == 12
+    assert one["recall@1"] == four["recall@1"]  # no deadline cuts on the tiny run: the same answers
+    refused = load_test(HttpSearcher(url), queries[:2], 2, k=0)  # k=0 is a 422: counted, not raised
+    assert refused["errors"] == 2 and "422" in refused["first_errors"][0]
+
+
 def test_the_real_service_answers_logs_each_request_and_stops_on_sigterm(server):
     url, proc, log = server
     with urllib.request.urlopen(url + "/search?q=do+goldfish+grow&k=2", timeout=30) as response:
