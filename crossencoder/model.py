@@ -141,13 +141,8 @@ class CrossEncoder(nn.Module):
         """`logits` in length-sorted chunks (`chunk_rows`): the same values for less padded compute."""
         return by_length(self.logits, input_ids, attention_mask, self.config.chunk_rows)
 
-    def forward(self, input_ids, attention_mask, group_size: int, num_examples=None,
-                offsets: torch.Tensor | None = None) -> torch.Tensor:
-        """`offsets` (residual training): fixed per-pair scores added to the logits inside the loss only."""
-        logits = self.chunked_logits(input_ids, attention_mask)
-        if offsets is not None:
-            logits = logits + offsets.to(logits.dtype)
-        return group_loss(logits, group_size, self.config.loss)
+    def forward(self, input_ids, attention_mask, group_size: int, num_examples=None) -> torch.Tensor:
+        return group_loss(self.chunked_logits(input_ids, attention_mask), group_size, self.config.loss)
 
     @torch.inference_mode()
     def score(self, query: str, passages: Sequence[str], batch_size: int = 32, bf16: bool = False) -> np.ndarray:

@@ -22,23 +22,13 @@ from irbase.config import load_section
 from irbase.dataset import Dataset
 from irbase.examples import NegativesConfig, SyntheticConfig, TrainExamples, load_negative_lists, with_synthetic
 from irbase.runconfig import DataConfig, RunConfig, fill_path, seed_everything
-from irbase.trec import read_trec_run
 from irbase.training import TrainConfig, Trainer, train_main
 
-from crossencoder.data import FirstStageScores, GroupBatches, fit_scale
+from crossencoder.data import GroupBatches
 from crossencoder.evaluate import RerankEvalConfig, eval_queries, metrics, rerank
 from crossencoder.model import CrossEncoder, CrossEncoderConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ResidualConfig:
-    """Train on what the served first stage gets wrong: its score x `scale` is added to each pair's logit
-    inside the loss, and its own top ranks are the hard negatives, so the reranker learns a correction to
-    that first stage (which serving adds it to) instead of a ranking from scratch."""
-    run: str | None = None     # TREC run of the first stage on the train queries ({run_dir}); null: off
-    scale: float | None = None  # first-stage score -> logit; null: fitted on the training groups (fit_scale)
 
 
 @dataclass
@@ -48,7 +38,6 @@ class CrossEncoderRecipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     init_from: str | None = None            # HF backbone folder we fine-tuned from the same base LM ({run_dir})
     negatives: NegativesConfig = field(default_factory=lambda: NegativesConfig(per_query=7))  # G-1
-    residual: ResidualConfig = field(default_factory=ResidualConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_train_queries: int | None = None    # a slice, for smoke runs
     eval: RerankEvalConfig = field(default_factory=RerankEvalConfig)
@@ -62,22 +51,6 @@ def bm25_candidates(index_dir: Path, dataset: Dataset, config: BM25Config, qids:
     return {qid: [pid for pid, _ in hits] for qid, hits in zip(qids, ranked)}
 
 
-def read_first_stage(path: str, dataset: Dataset) -> dict[str, list[tuple[str, float]]]:
-    """The residual run, refused when it is missing, empty or ranks queries outside this split."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"crossencoder.residual.run: {path} not found (the served first stage on the "
-                                f"train queries: python -m benchmarks.run --system pipeline-hybrid --split "
-                                f"{dataset.split} --out <dir>)")
-    run = read_trec_run(path)
-    unknown = [qid for qid in run if qid not in dataset.all_queries][:3]
-    if unknown:
-        raise ValueError(f"crossencoder.residual.run: {path} ranks queries not in the {dataset.split} split "
-                         f"(e.g. {', '.join(unknown)})")
-    if not run:
-        raise ValueError(f"crossencoder.residual.run: {path} is empty")
-    return run
-
-
 def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     run = load_section(config_path, "run", RunConfig, overrides)
     data = load_section(config_path, "data", DataConfig, overrides)
@@ -88,38 +61,22 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     negative_lists = load_negative_lists(recipe.negatives.files, run.dir, data.root, "crossencoder.negatives.files")
     queries, qrels, added = with_synthetic(train_set.all_queries, train_set.qrels, recipe.synthetic, run.dir,
                                            data.root, run.seed)
-    first_stage = None
-    if recipe.residual.run:
-        residual_run = fill_path(recipe.residual.run, run.dir, data.root)
-        first = read_first_stage(residual_run, train_set)
-        negative_lists.append({qid: [pid for pid, _ in hits] for qid, hits in first.items()})
-        queries = {qid: text for qid, text in queries.items() if qid in first}
     examples = TrainExamples.build(queries, qrels, train_set.collection, negative_lists,
                                    recipe.negatives, run.seed, recipe.max_train_queries)
-    log.info("%d training queries (%d synthetic)", len(examples), added)
-    residual = {}
-    if recipe.residual.run:
-        scale, losses = recipe.residual.scale, None
-        if scale is None:
-            scale, losses = fit_scale(first, examples, sorted(examples.passages))
-        first_stage = FirstStageScores(first, scale)
-        residual = {"scale": scale, "fitted_losses": losses and {f"{k:g}": v for k, v in losses.items()}}
-        log.info("residual training on %s, first-stage scale %g", residual_run, scale)
-    log.info("%d training queries, groups of %d", len(examples), recipe.negatives.per_query + 1)
+    log.info("%d training queries (%d synthetic), groups of %d", len(examples), added, recipe.negatives.per_query + 1)
 
     init_from = fill_path(recipe.init_from, run.dir, data.root) if recipe.init_from else None
     model = CrossEncoder.from_base(recipe.model, run.seed, init_from)
-    source = GroupBatches(examples, recipe.train.batch_size, model.pairs, first_stage)
+    source = GroupBatches(examples, recipe.train.batch_size, model.pairs)
     start = time.perf_counter()
-    run_info = {"recipe": asdict(recipe), "seed": run.seed, **({"residual": residual} if residual else {})}
+    run_info = {"recipe": asdict(recipe), "seed": run.seed}
     trained = Trainer(model, recipe.train, out, source, run_info=run_info).train()
     train_seconds = time.perf_counter() - start
     if int(os.environ.get("RANK", 0)) != 0:
         return out
     trained.save(out / "model", extra={"recipe": asdict(recipe), "seed": run.seed,
                                        "train_collection": file_fingerprint(train_set.collection_path)})
-    summary = {"train_seconds": train_seconds, "train_queries": len(examples),
-               **({"residual": residual} if residual else {})}
+    summary = {"train_seconds": train_seconds, "train_queries": len(examples)}
     if recipe.final_eval:
         dev_set = Dataset.from_dir(data.root, data.dev_split)
         qids = eval_queries(dev_set, recipe.eval.queries, run.seed)

@@ -5,9 +5,8 @@
 [slice (when the config has a `slice` section: configs/smoke.yaml),] base-lm, [querygen (the query
 generator), generate (its queries for every passage), filter (when the config has a `querygen` section),]
 bm25-negatives, biencoder
-(round 1), mine, biencoder-r2, corpus (encoding, HNSW index, passage store), [first-stage-train (the
-hybrid first stage on the train queries, when crossencoder.residual.run names its run),] crossencoder,
-export, reranker (the served cross-encoder recorded in the run), fusion (the first stage's BM25 weight fitted
+(round 1), mine, biencoder-r2, crossencoder, export, corpus (encoding, HNSW index, passage store; records
+the served cross-encoder), fusion (the first stage's BM25 weight fitted
 on dev-large, written into the run), sweep (rerank depth, variant and reranker weight fitted together on
 dev-large against p95, written into the run), benchmark (`Retriever()` on dev). A stage whose recorded key
 (its command, the config sections it reads, and the keys of the stages before it) is unchanged and whose
@@ -31,7 +30,7 @@ from typing import Callable, Sequence
 from irbase.artifacts import atomic_write_json, model_fingerprint, to_jsonable
 from irbase.config import add_config_args, load_section, load_yaml
 from irbase.dataset import Dataset
-from irbase.runconfig import DataConfig, RunConfig, fill_path
+from irbase.runconfig import DataConfig, RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +69,6 @@ class Builder:
         r2_name = next((o.split("=", 1)[1] for o in self.r2 if o.startswith("biencoder.name=")), "biencoder-r2")
         self.r2_name = r2_name
         ce_name = self.raw.get("crossencoder", {}).get("name", "crossencoder")
-        residual_run = (self.raw.get("crossencoder", {}).get("residual") or {}).get("run")
 
         def cli(module: str, *options: str, overrides: Sequence[str] = (), command: str | None = None) -> list[str]:
             """`python -m module [command] [options] --config C [overrides]`: the stage's own overrides (round
@@ -80,7 +78,6 @@ class Builder:
                     *overrides, *self.overrides]
 
         self.stages = [Stage("slice", ["slice", "data"], [], cli("irbase.slice"))] if "slice" in self.raw else []
-        self.residual = bool(residual_run)
         qg = self.raw.get("querygen", {}).get("name", "querygen")
         synthetic = [  # the query generator, its queries for every passage, and the filter's decisions
             Stage("querygen", ["data", "querygen.model", "querygen.train", "querygen.holdout", "querygen.eval_pairs"],
@@ -105,19 +102,7 @@ class Builder:
             Stage("export", ["data", "export"], [f"{ce_name}/onnx"], cli("crossencoder.export"))]
         corpus = Stage("corpus", ["data", "encode", "index", "bm25", "pipeline"],
                        ["pipeline.json", "corpus/index", "corpus/passages.sqlite"], action=self._corpus)
-        if residual_run:  # the reranker learns what the served first stage misses: that stage comes first
-            run_file = Path(fill_path(residual_run, self.run.dir, self.data.root))
-            if run_file.name != "run.trec":
-                raise SystemExit(f"crossencoder.residual.run: {residual_run} must name a run.trec, the file "
-                                 "python -m benchmarks.run writes into its --out folder")
-            ranked = Stage("first-stage-train", ["data", "benchmark"],
-                           [f"{os.path.relpath(run_file.parent, self.run_dir)}/run.trec"],
-                           cli("benchmarks.run", "--system", "pipeline-hybrid", "--split", self.data.train_split,
-                               "--out", str(run_file.parent)))
-            self.stages += first_stage + [corpus, ranked] + reranker + [
-                Stage("reranker", ["pipeline"], ["pipeline.json"], action=self._record_reranker)]
-        else:
-            self.stages += first_stage + reranker + [corpus]
+        self.stages += first_stage + reranker + [corpus]
         self.stages += [
             Stage("fusion", ["data", "build.fusion", "pipeline"],
                   [f"benchmarks/fusion-{_split(self.build.fusion, 'dev-large')}"],
@@ -174,8 +159,7 @@ class Builder:
             for key in ("depth", "variant", "first_stage", "fusion", "bm25_weight", "rerank_weight"):
                 setattr(record.serving, key, getattr(previous.serving, key))
         record.save(self.run_dir)
-        if not self.residual:  # the reranker was built before the corpus
-            self._record_reranker()
+        self._record_reranker()
         dev = Dataset.from_dir(self.data.root, self.data.dev_split)
         retriever = Retriever(self.run_dir, depth=0)
         retriever.embed_and_store_corpus(dev.collection_path, embeddings_dir=self.run_dir / serving.biencoder

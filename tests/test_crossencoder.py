@@ -11,16 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from irbase.dataset import Dataset
 from irbase.examples import NegativesConfig, TrainExamples
 from irbase.lm import BaseLMConfig
 from tests.conftest import PASSAGES, QUERIES, write_train_dev
 
-from crossencoder.data import FirstStageScores, GroupBatches, fit_scale
+from crossencoder.data import GroupBatches
 from crossencoder.export import ExportConfig, ExportRefused, Tolerance, export_variants, parity, within
 from crossencoder.model import CrossEncoder, CrossEncoderConfig, group_loss
 from crossencoder.runtime import OnnxReranker
-from crossencoder.train import read_first_stage
 from crossencoder.vocab import VocabShrink, shrink_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,44 +80,6 @@ def test_groups_put_positive_first_and_never_a_positive_among_negatives(tiny_dec
         assert (got[:, : expected.shape[1]] == expected).all()
     loss = model(**batch)
     assert loss.ndim == 0 and loss.requires_grad
-
-
-def test_residual_training_adds_the_first_stage_scores_inside_the_loss(tmp_path, tiny_decoder):
-    model = _model(tiny_decoder)
-    qrels = {"q1": {"p1": 1}, "q2": {"p3": 1}}
-    run = {"q1": [("p2", 1.5), ("p1", 1.25), ("p4", 0.5)], "q2": [("p1", 2.0), ("p3", 1.0)]}
-    first = FirstStageScores(run, scale=4.0)
-    assert first.offsets("q1", ["p1", "p2", "p3"]) == [5.0, 6.0, 2.0]  # p3 is not in q1's list: its lowest
-    examples = TrainExamples.build(QUERIES, qrels, PASSAGES, [{q: [p for p, _ in h] for q, h in run.items()}],
-                                   NegativesConfig(per_query=1), seed=0)
-    batches = GroupBatches(examples, 2, model.pairs, first)
-    batch = next(batches.batches(0, 0, 0, 1))
-    expected = []
-    for qid in batches.order.order(0)[:2]:
-        positive, negatives = examples.sample(qid, 0, batches.all_pids)
-        expected.extend(first.offsets(qid, [positive] + negatives))
-    assert batch["offsets"].tolist() == expected
-    with torch.no_grad():
-        logits = model.chunked_logits(batch["input_ids"], batch["attention_mask"])
-        loss = model(**batch)
-        plain = model(**{k: v for k, v in batch.items() if k != "offsets"})
-    assert loss.item() == pytest.approx(group_loss(logits + batch["offsets"], 2, "listwise").item(), rel=1e-5)
-    assert loss.item() != pytest.approx(plain.item(), rel=1e-3)
-    assert "offsets" not in next(GroupBatches(examples, 2, model.pairs).batches(0, 0, 0, 1))
-    # the scale fitted on the groups: the least listwise loss of the first stage alone, by hand
-    scale, losses = fit_scale(run, examples, batches.all_pids, grid=(0.5, 4.0, 50.0))
-    groups = [[dict(run[q])[p] for p in [pos] + negs] for q in ("q1", "q2")
-              for pos, negs in [examples.sample(q, 0, batches.all_pids)]]
-    by_hand = {g: sum(math.log(sum(math.exp(g * x) for x in xs)) - g * xs[0] for xs in groups) / 2
-               for g in (0.5, 4.0, 50.0)}
-    assert losses == pytest.approx(by_hand, rel=1e-5) and scale == min(by_hand, key=by_hand.get)
-    dataset = Dataset(tmp_path / "c.tsv", tmp_path / "q.tsv", None, "train")
-    (tmp_path / "q.tsv").write_text("q1\tgoldfish\n")
-    (tmp_path / "run.trec").write_text("q9 Q0 p1 1 1.0 x\n")
-    with pytest.raises(ValueError, match=r"run.trec ranks queries not in the train split \(e.g. q9\)"):
-        read_first_stage(str(tmp_path / "run.trec"), dataset)
-    with pytest.raises(FileNotFoundError, match="residual.run"):
-        read_first_stage(str(tmp_path / "none.trec"), dataset)
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
