@@ -83,7 +83,7 @@ def bf16_fast(device: torch.device | str = "cpu") -> bool:
     CUDA: when the GPU supports bf16. CPU: only with AMX tiles. Without AVX512-BF16 PyTorch emulates bf16
     (a Gemma training step took 663 s instead of 15.7 s in fp32 on a 2-core AVX2 EPYC), and with AVX512-BF16
     but no AMX it still lost to fp32 on a 2-core Xeon: 9.5 against 6.2 s per training step, 28 against 39
-    passages/s encoding (benchmarks/reports/biencoder-mini.md, session 10)."""
+    passages/s encoding (benchmarks/reports/biencoder-mini.md)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
