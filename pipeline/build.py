@@ -4,10 +4,10 @@
 
 [slice (when the config has a `slice` section: configs/smoke.yaml),] base-lm, [querygen (the query
 generator), generate (its queries for every passage), filter (when the config has a `querygen` section),]
-bm25-negatives, biencoder
-(round 1), mine, biencoder-r2, crossencoder, export, corpus (encoding, HNSW index, passage store; records
-the served cross-encoder), fusion (the first stage's BM25 weight fitted
-on dev-large, written into the run), sweep (rerank depth, variant and reranker weight fitted together on
+bm25-negatives, [synthetic-negatives (BM25 negatives of the generated queries, when biencoder.synthetic
+names them),] biencoder (round 1), mine, biencoder-r2, crossencoder, export, corpus (encoding, HNSW index,
+passage store; records the served cross-encoder), fusion (the first stage's BM25 weight fitted on
+dev-large, written into the run), sweep (rerank depth, variant and reranker weight fitted together on
 dev-large against p95, written into the run), benchmark (`Retriever()` on dev). A stage whose recorded key
 (its command, the config sections it reads, and the keys of the stages before it) is unchanged and whose
 outputs exist is skipped; an interrupted stage is simply run again and resumes (training from its last
@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 from irbase.artifacts import atomic_write_json, model_fingerprint, to_jsonable
 from irbase.config import add_config_args, load_section, load_yaml
 from irbase.dataset import Dataset
-from irbase.runconfig import DataConfig, RunConfig
+from irbase.runconfig import DataConfig, RunConfig, fill_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +55,9 @@ class Stage:
     outputs: list[str]                       # paths (relative to run.dir) that must exist when done
     command: list[str] | None = None         # a `python -m` command line, or
     action: Callable[[], None] | None = None  # an in-process step
+
+
+SYNTHETIC_NEGATIVES = "negatives.synthetic.bm25.tsv"  # biencoder.negatives.files names it too
 
 
 class Builder:
@@ -90,7 +93,9 @@ class Builder:
             Stage("base-lm", ["biencoder.model.base_lm", "crossencoder.model.base_lm", "querygen.model.base_lm"], [],
                   action=self._base_lm),
             *synthetic,
-            Stage("bm25-negatives", ["data", "bm25"], ["negatives.bm25.tsv"], cli("irbase.bm25", command="mine")),
+            Stage("bm25-negatives", ["data", "bm25"], ["negatives.bm25.tsv"],
+                  cli("irbase.bm25", command="mine", overrides=["bm25.expansion=null"])),  # as measured: plain
+            *self._synthetic_negatives(cli),
             Stage("biencoder", ["data", "biencoder", "encode"], ["biencoder/model", "biencoder/eval.json"],
                   cli("biencoder.train")),
             Stage("mine", ["data", "encode"], ["negatives.biencoder.tsv"], cli("biencoder.mine")),
@@ -113,6 +118,17 @@ class Builder:
             Stage("benchmark", ["data", "benchmark", "pipeline"], [f"benchmarks/pipeline-{self.build.benchmark_split}"],
                   cli("benchmarks.run", "--system", "pipeline", "--split", self.build.benchmark_split)),
         ]
+
+    def _synthetic_negatives(self, cli) -> list[Stage]:
+        """When the bi-encoder trains on generated queries: their BM25 hard negatives, mined from the index
+        expanded with those queries when `bm25.expansion` is set (the first stage the recipe serves)."""
+        synthetic = (self.raw.get("biencoder", {}).get("synthetic") or {})
+        if not synthetic.get("queries"):
+            return []
+        queries, qrels = (fill_path(synthetic[k], self.run.dir, self.data.root) for k in ("queries", "qrels"))
+        out = self.run_dir / SYNTHETIC_NEGATIVES
+        return [Stage("synthetic-negatives", ["data", "bm25", "biencoder.synthetic"], [SYNTHETIC_NEGATIVES],
+                      cli("irbase.bm25", "--queries", queries, "--qrels", qrels, "--out", str(out), command="mine"))]
 
     def _section(self, dotted: str):
         node = self.raw

@@ -689,6 +689,18 @@ def test_build_stage_order_and_a_new_reranker_voids_the_settings_fitted_for_the_
     names = [s.name for s in builder.stages]
     assert names[names.index("biencoder-r2"):] == ["biencoder-r2", "crossencoder", "export", "corpus", "fusion",
                                                     "sweep", "benchmark"]
+    assert "synthetic-negatives" not in names
+    plain = next(s for s in builder.stages if s.name == "bm25-negatives")
+    assert "bm25.expansion=null" in plain.command  # real queries' negatives come from the plain index
+    synthetic = Builder(str(config), ['biencoder.synthetic.queries="{run_dir}/qg/queries.synthetic.tsv"',
+                                      'biencoder.synthetic.qrels="{run_dir}/qg/qrels.synthetic.tsv"'])
+    names = [s.name for s in synthetic.stages]
+    assert names.index("bm25-negatives") + 1 == names.index("synthetic-negatives") < names.index("biencoder")
+    mine = next(s for s in synthetic.stages if s.name == "synthetic-negatives")
+    option = lambda flag: mine.command[mine.command.index(flag) + 1]  # noqa: E731
+    assert (option("--queries"), option("--qrels"), option("--out")) == (
+        f"{run}/qg/queries.synthetic.tsv", f"{run}/qg/qrels.synthetic.tsv", f"{run}/negatives.synthetic.bm25.tsv")
+    assert mine.outputs == ["negatives.synthetic.bm25.tsv"] and "bm25.expansion=null" not in mine.command
     # a new cross-encoder voids the depth, variant and reranker weight fitted for the last one
     record = RunRecord.load(run)
     record.fingerprints["crossencoder"] = "sha256:an-older-model"
