@@ -186,6 +186,10 @@ def collection_inputs(dataset: Dataset) -> dict[str, str]:
 
 
 def expansion_inputs(config: BM25Config) -> dict[str, str]:
+    if config.expansion and not Path(config.expansion).is_file():
+        raise FileNotFoundError(f"bm25.expansion: {config.expansion} not found (the query filter writes it: "
+                                "python -m querygen.filter --config configs/mini.yaml; bm25.expansion=null for "
+                                "plain BM25)")
     return {"expansion": file_fingerprint(config.expansion)} if config.expansion else {}
 
 

@@ -68,6 +68,8 @@ def load_yaml(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[st
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
     """Build dataclass `cls` from a mapping, recursing into nested dataclass fields."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]

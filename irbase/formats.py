@@ -10,6 +10,7 @@ import gzip
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator, NamedTuple
@@ -58,9 +59,18 @@ def open_binary(path: str | os.PathLike) -> IO[bytes]:
 
 
 def iter_lines(path: Path, errors: LineErrors) -> Iterator[tuple[int, str]]:
-    """Decoded, newline-stripped, non-blank lines with 1-based numbers; bad UTF-8 goes to `errors`."""
+    """Decoded, newline-stripped, non-blank lines with 1-based numbers; bad UTF-8 goes to `errors`. A corrupt
+    or truncated gzip stream is refused even in lenient mode: nothing after it can be read."""
+    number = 0
     with open_binary(path) as f:
-        for number, raw in enumerate(f, 1):
+        lines = enumerate(f, 1)
+        while True:
+            try:
+                number, raw = next(lines)
+            except StopIteration:
+                return
+            except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+                raise DataFormatError(path, number + 1, f"corrupt or truncated gzip stream ({exc})") from None
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:

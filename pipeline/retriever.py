@@ -139,6 +139,10 @@ class Retriever:
 
     def search_detailed(self, query: str, k: int, depth: int | None = None) -> SearchResponse:
         check_query(query, k)
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)):
+            raise TypeError(f"depth must be an int or None, got {type(depth).__name__}")
+        if depth is not None and depth < 0:
+            raise ValueError(f"depth must be >= 0, got {depth}")
         if self.index is None or self.store is None:
             raise ArtifactError(f"{self.run_dir} has no corpus yet: call embed_and_store_corpus(path) or run "
                                 f"{BUILD_HINT}")

@@ -103,3 +103,5 @@ def test_expanded_index_matches_appended_queries_and_returns_the_passage_text(tm
     write_tsv(decisions, [("g1", "p2", 1, "kept")])
     with pytest.raises(Exception, match="decisions.tsv:1: expected 5 tab-separated columns"):
         build_or_load(tmp_path / "bm25-expanded", ds, config)
+    with pytest.raises(FileNotFoundError, match=r"bm25.expansion: .*absent.tsv not found .*querygen.filter"):
+        build_or_load(tmp_path / "bm25-expanded", ds, BM25Config(expansion=str(tmp_path / "absent.tsv")))

@@ -274,3 +274,66 @@ def test_the_page_in_headless_chromium(tiny_run, tmp_path):
             browser.quit()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# Fuzzing (Hypothesis) of the two ways a query reaches the model: `Retriever.search_detailed` and the HTTP
+# service: 400 cases here, 750 more in tests/test_fuzz.py.
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+FUZZ_SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+ODD_TEXT = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=60),            # any Unicode: NUL, controls
+    st.sampled_from(["\u202egoldfish", "🐟🐠 fish", "e\u0301\u0301\u0301", "  \t\n ", "\x00", "a" * 100_000,
+                     "goldfish\x00grow", "ﷺ" * 50, "\ufeffquery"]),
+    st.sampled_from(list(QUERIES.values())))
+ANY_NUMBER = st.one_of(st.integers(-5, 30), st.integers(), st.floats(allow_nan=True), st.booleans(), st.none(),
+                       st.text(max_size=5), st.just([3]))
+
+
+@settings(max_examples=150, **FUZZ_SETTINGS)
+@given(query=ODD_TEXT, k=st.one_of(st.integers(1, 25), ANY_NUMBER),
+       depth=st.one_of(st.none(), st.integers(0, 8), st.sampled_from([10**6, 10**18]), ANY_NUMBER))
+def test_fuzzed_searches_answer_or_name_the_argument(retriever, query, k, depth):
+    try:
+        response = retriever.search_detailed(query, k, depth)
+    except (TypeError, ValueError) as error:
+        named = [name for name in ("query", "k", "depth") if str(error).startswith(name)]
+        assert named, f"unnamed error for {query[:20]!r}, {k!r}, {depth!r}: {error}"
+        return
+    assert isinstance(k, int) and k > 0 and query.strip()
+    assert len(response.results) <= k
+    ids = [r.document_id for r in response.results]
+    assert len(set(ids)) == len(ids) and all(r.document_text == PASSAGES[r.document_id] for r in response.results)
+
+
+JSON_VALUE = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | ODD_TEXT,
+                          lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                      max_size=4), max_leaves=8)
+BODY = st.one_of(
+    st.fixed_dictionaries({"query": ODD_TEXT}, optional={"k": ANY_NUMBER, "depth": ANY_NUMBER}),
+    st.fixed_dictionaries({"queries": st.lists(ODD_TEXT, max_size=5)}, optional={"k": ANY_NUMBER}),
+    st.dictionaries(st.sampled_from(["query", "queries", "k", "depth", "extra"]), JSON_VALUE, max_size=4),
+    JSON_VALUE)
+
+
+@settings(max_examples=150, **FUZZ_SETTINGS)
+@given(body=BODY, raw=st.one_of(st.none(), st.binary(max_size=80)))
+def test_fuzzed_post_bodies_are_answered_or_refused_naming_the_field(client, body, raw):
+    got = client.post("/search", content=raw if raw is not None else json.dumps(body).encode(),
+                      headers={"content-type": "application/json"})
+    assert got.status_code in (200, 400, 413, 422), (body, raw, got.status_code, got.text[:300])
+    payload = got.json()
+    if got.status_code == 200:
+        assert "results" in payload or "responses" in payload
+    else:
+        assert payload["error"] and "field" in payload, payload
+
+
+@settings(max_examples=100, **FUZZ_SETTINGS)
+@given(params=st.dictionaries(st.sampled_from(["q", "k", "depth", "x"]), ODD_TEXT.filter(lambda s: len(s) < 3000)
+                              | st.integers().map(str), max_size=4))
+def test_fuzzed_get_parameters_are_answered_or_refused_naming_the_field(client, params):
+    got = client.get("/search", params=params)
+    assert got.status_code in (200, 400, 413, 422), (params, got.status_code, got.text[:300])
+    if got.status_code != 200:
+        assert got.json()["error"] and "field" in got.json()
