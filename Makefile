@@ -1,5 +1,5 @@
 # Two commands on a fresh clone: `make run` (the main job) and `make test`.
-# Both create .venv and install the package first if needed (~1 min, once).
+# Both create .venv and install the package first if needed (about 4 minutes, once).
 VENV   ?= .venv
 PYTHON ?= python3
 EXTRA  ?= cpu
