@@ -16,8 +16,9 @@ Two measurements on the tuning split, then one choice:
 Among the rows whose p95 stays within margin x budget it takes the best recall@1 (then MRR@10, then the
 lower p95), and records every such row's distance from it with the standard error of that paired
 difference. (Taking the fastest row within one standard error instead served -0.008 recall@1 on mini dev
-for p95 759 -> 154 ms; not adopted: benchmarks/reports/pipeline-mini-dev.md.) The choice is written into the run's pipeline.json: depth, variant and rerank_weight. Its paired gain
-over depth 0 is printed and recorded.
+for p95 759 -> 154 ms; not adopted: benchmarks/reports/pipeline-mini-dev.md.) The choice is written into
+the run's pipeline.json: depth, variant and rerank_weight. Its paired gain over depth 0 is printed and
+recorded.
 Depth and weight are fitted together on many queries of a tuning split (dev-large), so dev stays a test.
 Writes sweep.json and sweep.png into --out (default <run>/benchmarks/sweep-<split>).
 """

@@ -63,22 +63,18 @@ def iter_lines(path: Path, errors: LineErrors) -> Iterator[tuple[int, str]]:
     or truncated gzip stream is refused even in lenient mode: nothing after it can be read."""
     number = 0
     with open_binary(path) as f:
-        lines = enumerate(f, 1)
-        while True:
-            try:
-                number, raw = next(lines)
-            except StopIteration:
-                return
-            except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-                raise DataFormatError(path, number + 1, f"corrupt or truncated gzip stream ({exc})") from None
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                errors(number, f"invalid UTF-8 at byte {exc.start}")
-                continue
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield number, line
+        try:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    errors(number, f"invalid UTF-8 at byte {exc.start}")
+                    continue
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield number, line
+        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            raise DataFormatError(path, number + 1, f"corrupt or truncated gzip stream ({exc})") from None
 
 
 def _tsv(path: Path, columns: tuple[str, ...], errors: LineErrors) -> Iterator[tuple[int, list[str]]]:

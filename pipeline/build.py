@@ -57,7 +57,7 @@ class Stage:
     action: Callable[[], None] | None = None  # an in-process step
 
 
-SYNTHETIC_NEGATIVES = "negatives.synthetic.bm25.tsv"  # biencoder.negatives.files names it too
+SYNTHETIC_NEGATIVES = "negatives.synthetic.bm25.tsv"  # under run.dir; a recipe lists it in biencoder.negatives.files
 
 
 class Builder:
