@@ -9,7 +9,7 @@ names them),] biencoder (round 1), mine, biencoder-r2, crossencoder, export, cor
 passage store; records the served cross-encoder), fusion (the first stage's BM25 weight fitted on
 dev-large, written into the run), sweep (rerank depth, variant and reranker weight fitted together on
 dev-large against p95, written into the run), benchmark (`Retriever()` on dev). A stage whose recorded key
-(its command, the config sections it reads, and the keys of the stages before it) is unchanged and whose
+(its command, the config sections it reads, and the keys of the stages whose outputs it reads) is unchanged and whose
 outputs exist is skipped; an interrupted stage is simply run again and resumes (training from its last
 checkpoint, encoding from its last finished shard). Stage records live in <run.dir>/stages/.
 """
@@ -23,11 +23,12 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
 from irbase.artifacts import atomic_write_json, model_fingerprint, to_jsonable
+from irbase.bm25 import BM25Config
 from irbase.config import add_config_args, load_section, load_yaml
 from irbase.dataset import Dataset
 from irbase.runconfig import DataConfig, RunConfig, fill_path
@@ -55,9 +56,13 @@ class Stage:
     outputs: list[str]                       # paths (relative to run.dir) that must exist when done
     command: list[str] | None = None         # a `python -m` command line, or
     action: Callable[[], None] | None = None  # an in-process step
+    needs: list[str] = field(default_factory=list)  # stages whose outputs it reads: their keys enter its own
 
 
 SYNTHETIC_NEGATIVES = "negatives.synthetic.bm25.tsv"  # under run.dir; a recipe lists it in biencoder.negatives.files
+# What a plain BM25 index depends on: the stages that judge or mine with the plain index (filter,
+# bm25-negatives) do not read the expansion keys, so turning expansion on rebuilds only what serves it
+BM25_PLAIN = [f"bm25.{f.name}" for f in fields(BM25Config) if not f.name.startswith("expansion")]
 
 
 class Builder:
@@ -73,51 +78,68 @@ class Builder:
         self.r2_name = r2_name
         ce_name = self.raw.get("crossencoder", {}).get("name", "crossencoder")
 
-        def cli(module: str, *options: str, overrides: Sequence[str] = (), command: str | None = None) -> list[str]:
+        def cli(module: str, *options: str, overrides: Sequence[str] = (), pinned: Sequence[str] = (),
+                command: str | None = None) -> list[str]:
             """`python -m module [command] [options] --config C [overrides]`: the stage's own overrides (round
-            2) come before the user's, so the user's win; options never sit next to the overrides, where a
-            `nargs='+'` option would swallow them."""
+            2) come before the user's, so the user's win, and `pinned` ones after, so they hold; options never
+            sit next to the overrides, where a `nargs='+'` option would swallow them."""
             return [sys.executable, "-m", module, *([command] if command else []), *options, "--config", config_path,
-                    *overrides, *self.overrides]
+                    *overrides, *self.overrides, *pinned]
 
         self.stages = [Stage("slice", ["slice", "data"], [], cli("irbase.slice"))] if "slice" in self.raw else []
         qg = self.raw.get("querygen", {}).get("name", "querygen")
         synthetic = [  # the query generator, its queries for every passage, and the filter's decisions
             Stage("querygen", ["data", "querygen.model", "querygen.train", "querygen.holdout", "querygen.eval_pairs"],
-                  [f"{qg}/model", f"{qg}/eval.json"], cli("querygen.train")),
+                  [f"{qg}/model", f"{qg}/eval.json"], cli("querygen.train"), needs=["base-lm"]),
             Stage("generate", ["data", "querygen.generate"], [f"{qg}/generated/queries.generated.tsv"],
-                  cli("querygen.generate")),
-            Stage("filter", ["data", "bm25", "querygen.filter", "querygen.holdout"],
-                  [f"{qg}/filtered/decisions.tsv"], cli("querygen.filter"))] if "querygen" in self.raw else []
+                  cli("querygen.generate"), needs=["querygen"]),
+            Stage("filter", ["data", *BM25_PLAIN, "querygen.filter", "querygen.holdout"],
+                  [f"{qg}/filtered/decisions.tsv"], cli("querygen.filter"), needs=["generate"]),
+        ] if "querygen" in self.raw else []
+        negatives = self._synthetic_negatives(cli)
+        trained_on = ["base-lm", "bm25-negatives", *(["synthetic-negatives"] if negatives else [])]
         first_stage = [
             Stage("base-lm", ["biencoder.model.base_lm", "crossencoder.model.base_lm", "querygen.model.base_lm"], [],
                   action=self._base_lm),
             *synthetic,
-            Stage("bm25-negatives", ["data", "bm25"], ["negatives.bm25.tsv"],
-                  cli("irbase.bm25", command="mine", overrides=["bm25.expansion=null"])),  # as measured: plain
-            *self._synthetic_negatives(cli),
+            Stage("bm25-negatives", ["data", *BM25_PLAIN], ["negatives.bm25.tsv"],  # as measured: the plain index
+                  cli("irbase.bm25", command="mine", pinned=["bm25.expansion=null"])),
+            *negatives,
             Stage("biencoder", ["data", "biencoder", "encode"], ["biencoder/model", "biencoder/eval.json"],
-                  cli("biencoder.train")),
-            Stage("mine", ["data", "encode"], ["negatives.biencoder.tsv"], cli("biencoder.mine")),
+                  cli("biencoder.train"), needs=trained_on),
+            Stage("mine", ["data", "encode"], ["negatives.biencoder.tsv"], cli("biencoder.mine"), needs=["biencoder"]),
             Stage("biencoder-r2", ["data", "biencoder", "encode", "build.round2"],
-                  [f"{r2_name}/model", f"{r2_name}/eval.json"], cli("biencoder.train", overrides=self.r2))]
+                  [f"{r2_name}/model", f"{r2_name}/eval.json"], cli("biencoder.train", overrides=self.r2),
+                  needs=[*trained_on, "biencoder", "mine"])]
+        reads_queries = ["filter"] if synthetic and self._section("crossencoder.synthetic.queries") else []
         reranker = [
             Stage("crossencoder", ["data", "crossencoder"], [f"{ce_name}/model", f"{ce_name}/eval.json"],
-                  cli("crossencoder.train")),
-            Stage("export", ["data", "export"], [f"{ce_name}/onnx"], cli("crossencoder.export"))]
+                  cli("crossencoder.train"), needs=["base-lm", "bm25-negatives", "mine", "biencoder-r2", *reads_queries]),
+            Stage("export", ["data", "export"], [f"{ce_name}/onnx"], cli("crossencoder.export"), needs=["crossencoder"])]
+        expanded_by = ["filter"] if synthetic and self._section("bm25.expansion") else []
         corpus = Stage("corpus", ["data", "encode", "index", "bm25", "pipeline"],
-                       ["pipeline.json", "corpus/index", "corpus/passages.sqlite"], action=self._corpus)
+                       ["pipeline.json", "corpus/index", "corpus/passages.sqlite"], action=self._corpus,
+                       needs=["biencoder", "biencoder-r2", "export", *expanded_by])
         self.stages += first_stage + reranker + [corpus]
         self.stages += [
             Stage("fusion", ["data", "build.fusion", "pipeline"],
                   [f"benchmarks/fusion-{_split(self.build.fusion, 'dev-large')}"],
-                  cli("benchmarks.fusion", *self.build.fusion)),
+                  cli("benchmarks.fusion", *self.build.fusion), needs=["corpus"]),
             Stage("sweep", ["data", "build.sweep", "pipeline"],
                   [f"benchmarks/sweep-{_split(self.build.sweep, self.data.dev_split)}"],
-                  cli("benchmarks.sweep", *self.build.sweep)),
+                  cli("benchmarks.sweep", *self.build.sweep), needs=["fusion"]),
             Stage("benchmark", ["data", "benchmark", "pipeline"], [f"benchmarks/pipeline-{self.build.benchmark_split}"],
-                  cli("benchmarks.run", "--system", "pipeline", "--split", self.build.benchmark_split)),
+                  cli("benchmarks.run", "--system", "pipeline", "--split", self.build.benchmark_split),
+                  needs=["sweep"]),
         ]
+        if self.stages[0].name == "slice":  # every other stage reads the slice's data
+            for stage in self.stages[1:]:
+                stage.needs.insert(0, "slice")
+        for i, stage in enumerate(self.stages):
+            earlier = {s.name for s in self.stages[:i]}
+            if not set(stage.needs) <= earlier:
+                raise ValueError(f"stage {stage.name} needs {sorted(set(stage.needs) - earlier)}, which do not run "
+                                 "before it")
 
     def _synthetic_negatives(self, cli) -> list[Stage]:
         """When the bi-encoder trains on generated queries: their BM25 hard negatives, mined from the index
@@ -128,7 +150,8 @@ class Builder:
         queries, qrels = (fill_path(synthetic[k], self.run.dir, self.data.root) for k in ("queries", "qrels"))
         out = self.run_dir / SYNTHETIC_NEGATIVES
         return [Stage("synthetic-negatives", ["data", "bm25", "biencoder.synthetic"], [SYNTHETIC_NEGATIVES],
-                      cli("irbase.bm25", "--queries", queries, "--qrels", qrels, "--out", str(out), command="mine"))]
+                      cli("irbase.bm25", "--queries", queries, "--qrels", qrels, "--out", str(out), command="mine"),
+                      needs=["filter"] if "querygen" in self.raw else [])]
 
     def _section(self, dotted: str):
         node = self.raw
@@ -136,10 +159,17 @@ class Builder:
             node = node.get(part, {}) if isinstance(node, dict) else {}
         return node
 
-    def key(self, stage: Stage, upstream: list[str]) -> str:
-        payload = {"command": [c for c in (stage.command or [])[1:]], "sections": {s: self._section(s)
-                                                                                   for s in stage.sections},
-                   "upstream": upstream}
+    def key(self, stage: Stage, keys: dict[str, str]) -> str:
+        """A digest of what decides the stage's outputs: its command, the config it reads, and the keys of
+        the stages it needs (so a change flows down the graph, and only down it)."""
+        command = list((stage.command or [])[1:])
+        n = len(self.overrides)
+        for i in range(len(command) - n + 1) if n else ():  # the user's overrides count through the sections
+            if command[i:i + n] == self.overrides:
+                command = command[:i] + command[i + n:]
+                break
+        payload = {"command": command, "sections": {s: self._section(s) for s in ["run", *stage.sections]},
+                   "needs": {name: keys[name] for name in stage.needs if name in keys}}
         return hashlib.sha256(json.dumps(to_jsonable(payload), sort_keys=True).encode()).hexdigest()[:16]
 
     def _base_lm(self) -> None:
@@ -202,10 +232,9 @@ class Builder:
             if name not in known:
                 raise SystemExit(f"unknown stage {name!r}; stages: {', '.join(known)}")
         records_dir = self.run_dir / "stages"
-        summary, upstream = [], []
+        summary, keys = [], {}
         for stage in self.stages:
-            key = self.key(stage, upstream)
-            upstream = upstream + [key]
+            key = keys[stage.name] = self.key(stage, keys)
             record_path = records_dir / f"{stage.name}.json"
             recorded = json.loads(record_path.read_text()) if record_path.is_file() else {}
             outputs_exist = all((self.run_dir / o).exists() for o in stage.outputs)

@@ -678,6 +678,36 @@ def test_compare_report_with_intervals_paired_tests_and_load(tmp_path, tiny_run)
     assert (out_dir / "compare.png").stat().st_size > 1000
 
 
+def _stage_keys(builder) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for stage in builder.stages:
+        keys[stage.name] = builder.key(stage, keys)
+    return keys
+
+
+def test_a_changed_setting_reruns_only_the_stages_downstream_of_it():
+    from pipeline.build import Builder
+
+    base = _stage_keys(Builder("configs/mini.yaml", []))
+    assert list(base)[:5] == ["base-lm", "querygen", "generate", "filter", "bm25-negatives"]
+    changed = lambda *overrides: {n for n, k in _stage_keys(Builder("configs/mini.yaml", list(overrides))).items()  # noqa: E731
+                                  if k != base[n]}
+    # the served index's expansion: the plain-index judges (filter, negatives) and the models stay
+    assert changed("bm25.expansion=null") == {"corpus", "fusion", "sweep", "benchmark"}
+    assert changed("bm25.expansion_keep=[kept]") == {"corpus", "fusion", "sweep", "benchmark"}
+    # generation feeds the filter, whose decisions the served index reads; the models never saw them
+    assert changed("querygen.generate.sampling.top_k=20") == {"generate", "filter", "corpus", "fusion", "sweep", "benchmark"}
+    # a BM25 parameter changes what every stage that ranks with BM25 sees
+    assert changed("bm25.k1=1.2") >= {"filter", "bm25-negatives", "biencoder", "crossencoder", "corpus"}
+    assert changed("crossencoder.train.max_steps=10") == {"crossencoder", "export", "corpus", "fusion", "sweep",
+                                                          "benchmark"}
+    # the bi-encoder's generated queries add a stage and make both rounds depend on the filter
+    synthetic = Builder("configs/mini.yaml", ['biencoder.synthetic.queries="{run_dir}/q.tsv"',
+                                              'biencoder.synthetic.qrels="{run_dir}/r.tsv"'])
+    needs = {s.name: s.needs for s in synthetic.stages}
+    assert needs["synthetic-negatives"] == ["filter"] and "synthetic-negatives" in needs["biencoder-r2"]
+
+
 def test_build_stage_order_and_a_new_reranker_voids_the_settings_fitted_for_the_last(tmp_path, tiny_run):
     from pipeline.build import Builder
 
