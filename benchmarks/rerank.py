@@ -11,7 +11,7 @@ stages: `bm25` and `pipeline-dense` (the run's bi-encoder over its HNSW index), 
 per backend. With --fusion-weights, the same scores also give the rank-fusion serving order
 (`pipeline.fusion: rrf`: the reranker's ranking of the top d fused with the first stage's by reciprocal
 rank) for each weight and depth d, so the weight is tuned without scoring again; score fusion's weights are
-fitted by benchmarks.fusion. Writes rerank.json into --out.
+fitted by tuning.fusion. Writes rerank.json into --out.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 from tqdm import tqdm
 
 from irbase.artifacts import atomic_write_json, environment
@@ -33,8 +33,11 @@ from irbase.dataset import Dataset
 from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig, RunConfig
 
-from pipeline.config import ServingConfig
-from pipeline.fusion import rerank_order
+from irbase.components import Reranker
+from pipeline.config import RunRecord, ServingConfig
+from pipeline.context import RunContext
+from pipeline.rerankers import RERANKERS
+from irbase.fusion import merge_reranked, rerank_order
 
 from benchmarks.harness import select_queries
 from benchmarks.systems import make_system
@@ -42,26 +45,12 @@ from benchmarks.systems import make_system
 LATENCY_SIZES = (10, 20, 50, 100)
 
 
-class TorchScorer:
-    def __init__(self, model_dir: Path, threads: int | None):
-        import torch
-
-        from crossencoder.model import CrossEncoder
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.model = CrossEncoder.load(model_dir)
-
-    def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
-        return self.model.score(query, passages, batch_size=32)
-
-
-def make_scorer(name: str, ce_dir: Path, threads: int | None):
-    if name == "torch":
-        return TorchScorer(ce_dir / "model", threads)
-    from crossencoder.runtime import OnnxReranker
-
-    return OnnxReranker(ce_dir / "onnx" / name, threads=threads, batch_size=32)
+def make_scorer(name: str, run_dir: Path, serving: ServingConfig, threads: int | None) -> Reranker:
+    """`torch` (the trained model) or an ONNX variant, from the registered rerankers, 32 pairs a call."""
+    serving = replace(serving, threads=threads, rerank_batch=32)
+    context = RunContext(Path(run_dir), RunRecord(serving=serving), serving)
+    backend, variant = ("torch", "fp32") if name == "torch" else ("onnx", name)
+    return RERANKERS.get(backend)(context, variant)
 
 
 def first_stage(name: str, config: str | None, overrides: list[str], dataset: Dataset,
@@ -103,7 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = args.split or data.dev_split
     dataset = Dataset.from_dir(data.root, split)
     serving = load_section(args.config, "pipeline", ServingConfig, args.overrides)
-    ce_dir = Path(run.dir) / serving.crossencoder
     queries = select_queries(dataset, args.queries, run.seed)
     candidates = {name: first_stage(name, args.config, args.overrides, dataset, queries, args.depth)
                   for name in args.first}
@@ -115,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.first:
         rows.append({"first_stage": name, "backend": "none", **score_metrics(candidates[name], dataset)})
     for backend in args.backends:
-        scorer = make_scorer(backend, ce_dir, args.threads)
+        scorer = make_scorer(backend, Path(run.dir), serving, args.threads)
         cache: dict[tuple[str, str], float] = {}
         for qid, _ in tqdm(queries, desc=f"scoring with {backend}", unit="q"):
             pids = sorted({p for name in args.first for p in candidates[name][qid]})
@@ -175,7 +163,7 @@ def fuse(candidates: dict[str, list[str]], scores: dict[tuple[str, str], float],
     for qid, pids in candidates.items():
         head = pids[:depth]
         order = rerank_order(head, [scores[(qid, p)] for p in head], k, weight)
-        out[qid] = [p for p, _ in order] + pids[depth:]
+        out[qid] = [p for p, _ in merge_reranked(order, pids[depth:], [0.0] * len(pids[depth:]))]
     return out
 
 

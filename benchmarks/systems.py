@@ -12,7 +12,7 @@ from irbase.dataset import Dataset
 from irbase.runconfig import RunConfig, stage_dir
 from irbase.search import Result, Searcher
 
-from pipeline.fusion import fuse_reranked
+from irbase.fusion import fuse_reranked, merge_reranked
 
 
 def _bm25(config_path: str | None, overrides: list[str], dataset: Dataset) -> tuple[Searcher, dict[str, Any]]:
@@ -45,7 +45,7 @@ def _pipeline(config_path: str | None, overrides: list[str], dataset: Dataset,
 class RerankedSearcher:
     """A first stage whose top `depth` candidates the ONNX reranker reorders, the rest kept below in
     first-stage order; no deadline, so the full cost is measured. `order(ids, first-stage scores, reranker
-    scores)` gives the reranked candidates' final order (pipeline.fusion)."""
+    scores)` gives the reranked candidates' final order (irbase.fusion)."""
 
     def __init__(self, first: Searcher, reranker, candidates: int, depth: int,
                  order: Callable[[list[str], list[float], list[float]], list[tuple[str, float]]]):
@@ -55,12 +55,10 @@ class RerankedSearcher:
         hits = self.first.search(query, max(k, self.candidates))
         head, tail = hits[: self.depth], hits[self.depth:]
         scores = [float(s) for s in self.reranker.score(query, [h.document_text for h in head])]
-        texts = {h.document_id: h.document_text for h in head}
-        ranked = [Result(pid, texts[pid], score) for pid, score in
-                  self.order([h.document_id for h in head], [h.score for h in head], scores)]
-        floor = min((r.score for r in ranked), default=0.0)
-        ranked += [Result(h.document_id, h.document_text, floor - 1.0 - i) for i, h in enumerate(tail)]
-        return ranked[:k]
+        texts = {h.document_id: h.document_text for h in hits}
+        order = self.order([h.document_id for h in head], [h.score for h in head], scores)
+        merged = merge_reranked(order, [h.document_id for h in tail], [h.score for h in tail])
+        return [Result(pid, texts[pid], score) for pid, score in merged[:k]]
 
 
 def bm25_reranked(config_path: str | None, overrides: list[str], dataset: Dataset,
@@ -68,14 +66,15 @@ def bm25_reranked(config_path: str | None, overrides: list[str], dataset: Datase
     """BM25 with the pipeline's reranker at the pipeline's depth (or `depth`), variant and fusion: the
     pipeline with BM25 alone as its first stage (under score fusion, its first-stage score without the
     dense term: bm25_weight x BM25)."""
-    from crossencoder.runtime import OnnxReranker
     from pipeline.config import RunRecord
+    from pipeline.context import RunContext
+    from pipeline.rerankers import RERANKERS
 
     run = load_section(config_path, "run", RunConfig, overrides)
-    serving = RunRecord.load(Path(run.dir)).serving
+    record = RunRecord.load(Path(run.dir))
+    serving = record.serving
     bm25, info = _bm25(config_path, overrides, dataset)
-    reranker = OnnxReranker(Path(run.dir) / serving.crossencoder / "onnx" / serving.variant, threads=serving.threads,
-                            batch_size=serving.rerank_batch)
+    reranker = RERANKERS.get(serving.reranker)(RunContext(Path(run.dir), record, serving), serving.variant)
     depth = serving.depth if depth is None else depth
     def order(ids, first, scores):
         return fuse_reranked(serving.fusion, ids, [serving.bm25_weight * f for f in first], scores,

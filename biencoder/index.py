@@ -19,7 +19,8 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from irbase.artifacts import atomic_dir, atomic_write_json, check_inputs, read_manifest, write_manifest
+from irbase.artifacts import (ArtifactError, atomic_dir, atomic_write_json, check_inputs, read_manifest, verify_files,
+                              write_manifest)
 from irbase.config import add_config_args, load_section
 from irbase.runconfig import stage_dir
 from irbase.search import RowLookup
@@ -28,6 +29,8 @@ from biencoder.encode import iter_shards
 
 log = logging.getLogger(__name__)
 KIND = "faiss"
+HINT = "python -m biencoder.index --config configs/mini.yaml"
+PAYLOAD = ("index.faiss", "pids.npy")
 
 
 @dataclass
@@ -35,7 +38,7 @@ class IndexConfig:
     kind: str = "hnsw"           # hnsw | flat (exact)
     m: int = 32                  # HNSW graph degree
     ef_construction: int = 200
-    ef_search: int = 128
+    ef_search: int = 512
     sq8: bool = False            # 8-bit scalar quantisation of the stored vectors (4x smaller)
     gpu: bool = True             # exact search on GPUs when faiss-gpu sees one
 
@@ -78,8 +81,8 @@ class DenseIndex:
         return cls(index, np.asarray(pids), config)
 
     @classmethod
-    def from_shards(cls, shard_dir: str | Path, config: IndexConfig) -> "DenseIndex":
-        ids, vectors = zip(*((i, np.asarray(v, dtype=np.float32)) for i, v in iter_shards(shard_dir)))
+    def from_shards(cls, shard_dir: str | Path, config: IndexConfig, verify: bool = True) -> "DenseIndex":
+        ids, vectors = zip(*((i, np.asarray(v, dtype=np.float32)) for i, v in iter_shards(shard_dir, verify)))
         return cls.from_embeddings(np.concatenate(vectors), np.concatenate(ids), config)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[list[np.ndarray], list[list[str]]]:
@@ -106,16 +109,31 @@ class DenseIndex:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             np.save(tmp / "pids.npy", self.pids)
             write_manifest(tmp, KIND, {**asdict(self.config), "dim": self.index.d, "count": self.index.ntotal},
-                           inputs)
+                           inputs, files=PAYLOAD)
 
     @classmethod
-    def load(cls, path: str | Path, expected_inputs: dict[str, str] | None = None) -> "DenseIndex":
+    def load(cls, path: str | Path, expected_inputs: dict[str, str] | None = None,
+             verify: bool = True) -> "DenseIndex":
+        """Memory-map a saved index, refusing one whose files changed since the save: a damaged HNSW graph
+        can crash FAISS, and damaged vectors give wrong answers. Sizes are always checked, the sha256 with
+        `verify` (it reads the whole index: seconds per GB; manifests older than the checksums have none)."""
         path = Path(path)
-        manifest = read_manifest(path, KIND, hint="python -m biencoder.index --config configs/mini.yaml")
+        manifest = read_manifest(path, KIND, hint=HINT)
         if expected_inputs:
             check_inputs(path, manifest, expected_inputs)
-        index = faiss.read_index(str(path / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
-        pids = np.load(path / "pids.npy", mmap_mode="r")
+        verify_files(path, manifest.get("files", {}), verify, hint=f"rebuild it with: {HINT}")
+        try:
+            index = faiss.read_index(str(path / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
+        except RuntimeError as e:  # FAISS names neither the file nor the cause a reader can act on
+            raise ArtifactError(f"{path / 'index.faiss'} is damaged ({e}); rebuild it with: {HINT}") from e
+        try:
+            pids = np.load(path / "pids.npy", mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise ArtifactError(f"{path / 'pids.npy'} is damaged ({e}); rebuild it with: {HINT}") from e
+        count = manifest["config"].get("count", index.ntotal)
+        if not index.ntotal == len(pids) == count:
+            raise ArtifactError(f"{path}: {index.ntotal} vectors in index.faiss, {len(pids)} ids in pids.npy, "
+                                f"{count} recorded; rebuild it with: {HINT}")
         saved = {k: v for k, v in manifest["config"].items() if k in IndexConfig.__dataclass_fields__}
         return cls(index, pids, IndexConfig(**saved))
 

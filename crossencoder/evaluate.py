@@ -10,6 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from irbase.dataset import Dataset
+from irbase.fusion import merge_reranked
 from irbase.metrics import evaluate
 
 
@@ -43,8 +44,7 @@ def rerank(scorer: Scorer, dataset: Dataset, candidates: Mapping[str, Sequence[s
         latencies.append((time.perf_counter() - start) * 1000.0)
         order = np.argsort(-scores, kind="stable")
         ranked = [(head[i], float(scores[i])) for i in order]
-        floor = min((s for _, s in ranked), default=0.0)
-        run[qid] = ranked + [(p, floor - 1.0 - i) for i, p in enumerate(tail)]
+        run[qid] = merge_reranked(ranked, tail, [-float(i) for i in range(len(tail))])
     return run, latencies
 
 

@@ -13,9 +13,10 @@ from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 MANIFEST = "manifest.json"
+CHECKSUM = "checksum"  # a sealed JSON file's sha256 of its own content (all other keys)
 _TRACKED_PACKAGES = (
     "torch", "transformers", "deepspeed", "numpy", "bm25s", "PyStemmer",
     "faiss-cpu", "faiss-gpu-cu12", "onnxruntime", "onnxruntime-gpu",
@@ -134,28 +135,91 @@ def environment() -> dict[str, Any]:
     }
 
 
-def write_manifest(run_dir: str | os.PathLike, kind: str, config: Any, inputs: dict[str, str]) -> None:
-    """Record what built `run_dir`; `inputs` maps input names to fingerprints checked at load."""
-    atomic_write_json(Path(run_dir) / MANIFEST, {
+def write_manifest(run_dir: str | os.PathLike, kind: str, config: Any, inputs: dict[str, str],
+                   files: Iterable[str] = ()) -> None:
+    """Record what built `run_dir`; `inputs` maps input names to fingerprints checked at load, and `files`
+    names the payload files in `run_dir` whose size and sha256 are recorded for `verify_files`."""
+    run_dir = Path(run_dir)
+    atomic_write_json(run_dir / MANIFEST, seal({
         "kind": kind,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config,
         "inputs": inputs,
+        "files": file_records(run_dir, files),
         "environment": environment(),
-    })
+    }))
 
 
 def read_manifest(run_dir: str | os.PathLike, kind: str, hint: str = "") -> dict[str, Any]:
-    """Load a run's manifest, refusing a missing, half-built or foreign directory."""
+    """Load a run's manifest, refusing a missing, half-built, damaged or foreign directory."""
     run_dir = Path(run_dir)
     manifest_path = run_dir / MANIFEST
     if not manifest_path.is_file():
         state = "does not exist" if not run_dir.exists() else "is incomplete (no manifest.json)"
         raise ArtifactError(f"{run_dir} {state}." + (f" Build it with: {hint}" if hint else ""))
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = read_json(manifest_path)
+    if ("files" in manifest) != (CHECKSUM in manifest):  # both are written together: one byte renamed a key
+        raise ArtifactError(f"{manifest_path} is damaged (it records files without its own checksum, or "
+                            "the reverse); rebuild it")
     if manifest.get("kind") != kind:
         raise ArtifactError(f"{run_dir} holds a {manifest.get('kind')!r} artifact, expected {kind!r}.")
     return manifest
+
+
+def _digest(obj: Any) -> str:
+    canonical = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def seal(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` plus a checksum of its own content, so a changed byte in the JSON file is caught by `read_json`."""
+    body = {k: v for k, v in to_jsonable(obj).items() if k != CHECKSUM}
+    return {**body, CHECKSUM: _digest(body)}
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object file, refused with its path when it does not parse or fails its own checksum
+    (files written before checksums have none and are taken as they are)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is damaged (truncated or altered: {e}); rebuild it") from e
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path} is damaged: expected a JSON object, found {type(obj).__name__}; rebuild it")
+    if CHECKSUM in obj and _digest({k: v for k, v in obj.items() if k != CHECKSUM}) != obj[CHECKSUM]:
+        raise ArtifactError(f"{path} does not match its own checksum (altered or damaged); rebuild it")
+    return obj
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """Size and sha256 of a payload file, as `verify_files` checks them."""
+    return {"bytes": os.path.getsize(path), "sha256": file_fingerprint(path)}
+
+
+def file_records(directory: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    return {name: file_record(Path(directory) / name) for name in sorted(names)}
+
+
+def verify_files(directory: str | os.PathLike, records: dict[str, dict[str, Any]], verify: bool = True,
+                 hint: str = "rebuild it") -> None:
+    """Refuse a recorded payload file that is missing, resized or, with `verify`, changed, naming it.
+
+    The size is one stat and always checked (it catches truncation). The sha256 reads the whole file, about
+    1.4 GB/s on one core here: nothing for a tiny run, but some 10-30 s for a full MS MARCO index, store and
+    BM25 index (tens of GB), which is why loaders take `verify`; a memory-mapped load then also starts warm."""
+    directory = Path(directory)
+    for name, record in records.items():
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing (recorded when it was built); {hint}")
+        size = path.stat().st_size
+        if size != record.get("bytes"):
+            raise ArtifactError(f"{path} is {size} bytes but was built with {record.get('bytes')}: truncated "
+                                f"or overwritten; {hint}")
+        if verify and file_fingerprint(path) != record.get("sha256"):
+            raise ArtifactError(f"{path} does not match the sha256 recorded when it was built (altered or "
+                                f"damaged); {hint}")
 
 
 def check_inputs(run_dir: str | os.PathLike, manifest: dict[str, Any], expected: dict[str, str]) -> None:

@@ -23,8 +23,8 @@ import Stemmer
 from bm25s.utils.corpus import JsonlCorpus
 from tqdm import tqdm
 
-from irbase.artifacts import (atomic_dir, check_inputs, file_fingerprint, read_manifest,
-                              write_manifest)
+from irbase.artifacts import (ArtifactError, atomic_dir, check_inputs, file_fingerprint, read_manifest,
+                              verify_files, write_manifest)
 from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset, add_dataset_args, dataset_from_args
 from irbase.negatives import write_negatives
@@ -33,6 +33,7 @@ from irbase.search import Result, RowLookup, check_query
 
 log = logging.getLogger(__name__)
 KIND = "bm25"
+HINT = "python -m irbase.bm25 index --config configs/mini.yaml"
 
 
 @dataclass
@@ -104,21 +105,32 @@ class BM25Index:
         return self._local.stemmer
 
     def save(self, run_dir: str | Path, inputs: dict[str, str]) -> None:
-        """Write index, ids, texts and manifest into a temporary directory, then swap it in."""
+        """Write index, ids, texts and manifest (with each file's size and sha256) into a temporary directory,
+        then swap it in."""
         with atomic_dir(run_dir) as tmp:
             corpus = ({"id": str(pid), "text": text} for pid, text in zip(self.pids, self.texts))
             self.retriever.save(tmp, corpus=corpus, show_progress=False)
             np.save(tmp / "pids.npy", self.pids)
-            write_manifest(tmp, KIND, asdict(self.config), inputs)
+            write_manifest(tmp, KIND, asdict(self.config), inputs,
+                           files=[f.name for f in tmp.iterdir() if f.is_file()])
 
     @classmethod
-    def load(cls, run_dir: str | Path, expected_inputs: dict[str, str] | None = None) -> "BM25Index":
-        manifest = read_manifest(run_dir, KIND, hint="python -m irbase.bm25 index --config configs/mini.yaml")
+    def load(cls, run_dir: str | Path, expected_inputs: dict[str, str] | None = None,
+             verify: bool = True) -> "BM25Index":
+        """Memory-map a saved index, refusing one whose files changed since the save (a changed score array
+        ranks silently wrong). Sizes are always checked, the sha256 with `verify` (it reads every file:
+        some 4 s for the full MS MARCO index with its texts); manifests older than the checksums have none."""
+        run_dir = Path(run_dir)
+        manifest = read_manifest(run_dir, KIND, hint=HINT)
         if expected_inputs:
             check_inputs(run_dir, manifest, expected_inputs)
-        retriever = bm25s.BM25.load(str(run_dir), mmap=True, show_progress=False)
-        pids = np.load(Path(run_dir) / "pids.npy", mmap_mode="r")
-        texts = JsonlCorpus(str(Path(run_dir) / "corpus.jsonl"), show_progress=False, verbosity=0)
+        verify_files(run_dir, manifest.get("files", {}), verify, hint=f"rebuild it with: {HINT}")
+        try:
+            retriever = bm25s.BM25.load(str(run_dir), mmap=True, show_progress=False)
+            pids = np.load(run_dir / "pids.npy", mmap_mode="r")
+            texts = JsonlCorpus(str(run_dir / "corpus.jsonl"), show_progress=False, verbosity=0)
+        except (ValueError, OSError, EOFError, KeyError) as e:  # bm25s and numpy name no file
+            raise ArtifactError(f"{_damaged(run_dir)} is damaged ({e}); rebuild it with: {HINT}") from e
         return cls(retriever, pids, texts, BM25Config(**manifest["config"]))
 
     def text(self, i: int) -> str:
@@ -162,6 +174,16 @@ class BM25Index:
         docs, scores = self.retriever.retrieve(self._tokenize([query]), k=k, show_progress=False)
         return [Result(str(self.pids[d]), self.text(int(d)), float(s))
                 for d, s in zip(docs[0], scores[0]) if s > 0]
+
+
+def _damaged(run_dir: Path) -> Path:
+    """The first array of an index (saved without checksums) that does not even map, else the directory."""
+    for path in sorted(run_dir.glob("*.npy")):
+        try:
+            np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError):
+            return path
+    return run_dir
 
 
 def resolved(config: BM25Config, run_dir: str, data_root: str) -> BM25Config:

@@ -42,9 +42,9 @@ class BuildConfig:
         "biencoder.name=biencoder-r2", "biencoder.init_from={run_dir}/biencoder/model",
         'biencoder.negatives.files=["{run_dir}/negatives.biencoder.tsv","{data_root}/negatives.train.tsv"]'])
     benchmark_split: str = "dev"
-    fusion: list[str] = field(default_factory=lambda: [      # arguments of python -m benchmarks.fusion: the
+    fusion: list[str] = field(default_factory=lambda: [      # arguments of python -m tuning.fusion: the
         "--split", "dev-large", "--sample", "1000", "--depth", "0"])  # first stage's BM25 weight
-    sweep: list[str] = field(default_factory=lambda: [       # arguments of python -m benchmarks.sweep: depth,
+    sweep: list[str] = field(default_factory=lambda: [       # arguments of python -m tuning.sweep: depth,
         "--split", "dev-large", "--sample", "1000", "--latency-sample", "100",  # variant and reranker weight
         "--depths", "0", "5", "10", "20", "30", "50", "--variants", "int8", "fp32"])
 
@@ -74,31 +74,48 @@ class Builder:
         self.build = load_section(config_path, "build", BuildConfig, self.overrides)
         self.run_dir = Path(self.run.dir)
         self.r2 = [o.format(run_dir=self.run.dir, data_root="{data_root}") for o in self.build.round2]
-        r2_name = next((o.split("=", 1)[1] for o in self.r2 if o.startswith("biencoder.name=")), "biencoder-r2")
-        self.r2_name = r2_name
-        ce_name = self.raw.get("crossencoder", {}).get("name", "crossencoder")
+        self.r2_name = next((o.split("=", 1)[1] for o in self.r2 if o.startswith("biencoder.name=")), "biencoder-r2")
+        slice_ = [Stage("slice", ["slice", "data"], [], self.cli("irbase.slice"))] if "slice" in self.raw else []
+        synthetic = self._synthetic_stages()
+        self.stages = [*slice_, *self._model_stages(synthetic), *self._serving_stages(bool(synthetic))]
+        if slice_:  # every other stage reads the slice's data
+            for stage in self.stages[1:]:
+                stage.needs.insert(0, "slice")
+        for i, stage in enumerate(self.stages):
+            earlier = {s.name for s in self.stages[:i]}
+            if not set(stage.needs) <= earlier:
+                raise ValueError(f"stage {stage.name} needs {sorted(set(stage.needs) - earlier)}, which do not run "
+                                 "before it")
 
-        def cli(module: str, *options: str, overrides: Sequence[str] = (), pinned: Sequence[str] = (),
-                command: str | None = None) -> list[str]:
-            """`python -m module [command] [options] --config C [overrides]`: the stage's own overrides (round
-            2) come before the user's, so the user's win, and `pinned` ones after, so they hold; options never
-            sit next to the overrides, where a `nargs='+'` option would swallow them."""
-            return [sys.executable, "-m", module, *([command] if command else []), *options, "--config", config_path,
-                    *overrides, *self.overrides, *pinned]
+    def cli(self, module: str, *options: str, overrides: Sequence[str] = (), pinned: Sequence[str] = (),
+            command: str | None = None) -> list[str]:
+        """`python -m module [command] [options] --config C [overrides]`: the stage's own overrides (round
+        2) come before the user's, so the user's win, and `pinned` ones after, so they hold; options never
+        sit next to the overrides, where a `nargs='+'` option would swallow them."""
+        return [sys.executable, "-m", module, *([command] if command else []), *options, "--config",
+                self.config_path, *overrides, *self.overrides, *pinned]
 
-        self.stages = [Stage("slice", ["slice", "data"], [], cli("irbase.slice"))] if "slice" in self.raw else []
-        qg = self.raw.get("querygen", {}).get("name", "querygen")
-        synthetic = [  # the query generator, its queries for every passage, and the filter's decisions
+    def _synthetic_stages(self) -> list[Stage]:
+        """The query generator, its queries for every passage, and the filter's decisions."""
+        if "querygen" not in self.raw:
+            return []
+        qg, cli = self.raw["querygen"].get("name", "querygen"), self.cli
+        return [
             Stage("querygen", ["data", "querygen.model", "querygen.train", "querygen.holdout", "querygen.eval_pairs"],
                   [f"{qg}/model", f"{qg}/eval.json"], cli("querygen.train"), needs=["base-lm"]),
             Stage("generate", ["data", "querygen.generate"], [f"{qg}/generated/queries.generated.tsv"],
                   cli("querygen.generate"), needs=["querygen"]),
             Stage("filter", ["data", *BM25_PLAIN, "querygen.filter", "querygen.holdout"],
-                  [f"{qg}/filtered/decisions.tsv"], cli("querygen.filter"), needs=["generate"]),
-        ] if "querygen" in self.raw else []
+                  [f"{qg}/filtered/decisions.tsv"], cli("querygen.filter"), needs=["generate"])]
+
+    def _model_stages(self, synthetic: list[Stage]) -> list[Stage]:
+        """Base LM, generator, both bi-encoder rounds, the cross-encoder and its export."""
+        cli, r2 = self.cli, self.r2_name
+        ce = self.raw.get("crossencoder", {}).get("name", "crossencoder")
         negatives = self._synthetic_negatives(cli)
         trained_on = ["base-lm", "bm25-negatives", *(["synthetic-negatives"] if negatives else [])]
-        first_stage = [
+        reads_queries = ["filter"] if synthetic and self._section("crossencoder.synthetic.queries") else []
+        return [
             Stage("base-lm", ["biencoder.model.base_lm", "crossencoder.model.base_lm", "querygen.model.base_lm"], [],
                   action=self._base_lm),
             *synthetic,
@@ -109,37 +126,29 @@ class Builder:
                   cli("biencoder.train"), needs=trained_on),
             Stage("mine", ["data", "encode"], ["negatives.biencoder.tsv"], cli("biencoder.mine"), needs=["biencoder"]),
             Stage("biencoder-r2", ["data", "biencoder", "encode", "build.round2"],
-                  [f"{r2_name}/model", f"{r2_name}/eval.json"], cli("biencoder.train", overrides=self.r2),
-                  needs=[*trained_on, "biencoder", "mine"])]
-        reads_queries = ["filter"] if synthetic and self._section("crossencoder.synthetic.queries") else []
-        reranker = [
-            Stage("crossencoder", ["data", "crossencoder"], [f"{ce_name}/model", f"{ce_name}/eval.json"],
-                  cli("crossencoder.train"), needs=["base-lm", "bm25-negatives", "mine", "biencoder-r2", *reads_queries]),
-            Stage("export", ["data", "export"], [f"{ce_name}/onnx"], cli("crossencoder.export"), needs=["crossencoder"])]
+                  [f"{r2}/model", f"{r2}/eval.json"], cli("biencoder.train", overrides=self.r2),
+                  needs=[*trained_on, "biencoder", "mine"]),
+            Stage("crossencoder", ["data", "crossencoder"], [f"{ce}/model", f"{ce}/eval.json"],
+                  cli("crossencoder.train"),
+                  needs=["base-lm", "bm25-negatives", "mine", "biencoder-r2", *reads_queries]),
+            Stage("export", ["data", "export"], [f"{ce}/onnx"], cli("crossencoder.export"), needs=["crossencoder"])]
+
+    def _serving_stages(self, synthetic: bool) -> list[Stage]:
+        """The served corpus and index, the fits written into the run, and the dev benchmark."""
+        cli, build = self.cli, self.build
         expanded_by = ["filter"] if synthetic and self._section("bm25.expansion") else []
-        corpus = Stage("corpus", ["data", "encode", "index", "bm25", "pipeline"],
-                       ["pipeline.json", "corpus/index", "corpus/passages.sqlite"], action=self._corpus,
-                       needs=["biencoder", "biencoder-r2", "export", *expanded_by])
-        self.stages += first_stage + reranker + [corpus]
-        self.stages += [
+        return [
+            Stage("corpus", ["data", "encode", "index", "bm25", "pipeline"],
+                  ["pipeline.json", "corpus/index", "corpus/passages.sqlite"], action=self._corpus,
+                  needs=["biencoder", "biencoder-r2", "export", *expanded_by]),
             Stage("fusion", ["data", "build.fusion", "pipeline"],
-                  [f"benchmarks/fusion-{_split(self.build.fusion, 'dev-large')}"],
-                  cli("benchmarks.fusion", *self.build.fusion), needs=["corpus"]),
+                  [f"tuning/fusion-{_split(build.fusion, 'dev-large')}"],
+                  cli("tuning.fusion", *build.fusion), needs=["corpus"]),
             Stage("sweep", ["data", "build.sweep", "pipeline"],
-                  [f"benchmarks/sweep-{_split(self.build.sweep, self.data.dev_split)}"],
-                  cli("benchmarks.sweep", *self.build.sweep), needs=["fusion"]),
-            Stage("benchmark", ["data", "benchmark", "pipeline"], [f"benchmarks/pipeline-{self.build.benchmark_split}"],
-                  cli("benchmarks.run", "--system", "pipeline", "--split", self.build.benchmark_split),
-                  needs=["sweep"]),
-        ]
-        if self.stages[0].name == "slice":  # every other stage reads the slice's data
-            for stage in self.stages[1:]:
-                stage.needs.insert(0, "slice")
-        for i, stage in enumerate(self.stages):
-            earlier = {s.name for s in self.stages[:i]}
-            if not set(stage.needs) <= earlier:
-                raise ValueError(f"stage {stage.name} needs {sorted(set(stage.needs) - earlier)}, which do not run "
-                                 "before it")
+                  [f"tuning/sweep-{_split(build.sweep, self.data.dev_split)}"],
+                  cli("tuning.sweep", *build.sweep), needs=["fusion"]),
+            Stage("benchmark", ["data", "benchmark", "pipeline"], [f"benchmarks/pipeline-{build.benchmark_split}"],
+                  cli("benchmarks.run", "--system", "pipeline", "--split", build.benchmark_split), needs=["sweep"])]
 
     def _synthetic_negatives(self, cli) -> list[Stage]:
         """When the bi-encoder trains on generated queries: their BM25 hard negatives, mined from the index
@@ -181,6 +190,9 @@ class Builder:
                 print(f"{section}: base LM at {resolve(BaseLMConfig(**base))}")
 
     def _corpus(self) -> None:
+        """Record what the run serves, from the recipe alone (the fusion and sweep stages, which need this
+        one, fit their weights and depth again on top of it: nothing tuned for other models or settings is
+        carried over), then store and index the collection."""
         from biencoder.encode import EncodeConfig
         from biencoder.index import IndexConfig
         from irbase.bm25 import BM25Config, resolved
@@ -188,43 +200,20 @@ class Builder:
         from pipeline.retriever import Retriever
 
         serving = load_section(self.config_path, "pipeline", ServingConfig, self.overrides)
-        previous = None
-        if (self.run_dir / "pipeline.json").is_file():
-            previous = RunRecord.load(self.run_dir)
-        # the cross-encoder's fingerprint comes from _record_reranker
-        record = RunRecord(
+        RunRecord(
             serving=serving,
-            fingerprints={"biencoder": model_fingerprint(self.run_dir / serving.biencoder / "model")},
+            fingerprints={"biencoder": model_fingerprint(self.run_dir / serving.biencoder / "model"),
+                          "crossencoder": model_fingerprint(self.run_dir / serving.crossencoder / "model")},
             encode=asdict(load_section(self.config_path, "encode", EncodeConfig, self.overrides)),
             index=asdict(load_section(self.config_path, "index", IndexConfig, self.overrides)),
             bm25=asdict(resolved(load_section(self.config_path, "bm25", BM25Config, self.overrides), self.run.dir,
-                                 self.data.root)))
-        if previous is not None and previous.fingerprints.get("biencoder") == record.fingerprints["biencoder"]:
-            record.fingerprints = dict(previous.fingerprints)  # same first stage: its fits still hold
-            record.sweep, record.fusion_fit = previous.sweep, previous.fusion_fit
-            for key in ("depth", "variant", "first_stage", "fusion", "bm25_weight", "rerank_weight"):
-                setattr(record.serving, key, getattr(previous.serving, key))
-        record.save(self.run_dir)
-        self._record_reranker()
+                                 self.data.root))).save(self.run_dir)
+        print(f"{self.run_dir / 'pipeline.json'}: the recipe's pipeline settings, until the fusion and sweep stages "
+              "fit theirs", flush=True)
         dev = Dataset.from_dir(self.data.root, self.data.dev_split)
         retriever = Retriever(self.run_dir, depth=0)
         retriever.embed_and_store_corpus(dev.collection_path, embeddings_dir=self.run_dir / serving.biencoder
                                          / "embeddings")
-
-    def _record_reranker(self) -> None:
-        """Record the exported cross-encoder the run serves; a new one voids the depth and reranker weight
-        fitted for the last (the fusion and sweep stages after this one fit them again)."""
-        from pipeline.config import RunRecord, ServingConfig
-
-        record = RunRecord.load(self.run_dir)
-        fingerprint = model_fingerprint(self.run_dir / record.serving.crossencoder / "model")
-        if record.fingerprints.get("crossencoder") != fingerprint:
-            configured = load_section(self.config_path, "pipeline", ServingConfig, self.overrides)
-            record.serving.depth, record.serving.variant = configured.depth, configured.variant
-            record.serving.rerank_weight = configured.rerank_weight
-            record.sweep = record.fusion_fit = None
-            record.fingerprints["crossencoder"] = fingerprint
-        record.save(self.run_dir)
 
     def run_all(self, only: Sequence[str] = (), force: Sequence[str] = ()) -> list[dict]:
         known = [s.name for s in self.stages]

@@ -1,4 +1,5 @@
-"""The system users touch: bi-encoder + HNSW first stage, ONNX cross-encoder rerank under a deadline.
+"""The system users touch: a first stage (by default the bi-encoder's HNSW and BM25, fused) and a reranker
+(by default the ONNX cross-encoder) under a deadline, each picked by name from the run's recipe.
 
     from pipeline import Retriever
     retriever = Retriever()                 # the default run (see pipeline.config.default_run_dir)
@@ -7,33 +8,36 @@
 from __future__ import annotations
 
 import time
+from copy import copy
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from irbase import formats
-from irbase.artifacts import ArtifactError, file_fingerprint, model_fingerprint, read_manifest
-from irbase.bm25 import BM25Config, BM25Index, expansion_inputs, read_expansions
+from irbase.artifacts import ArtifactError, file_fingerprint, model_fingerprint
+from irbase.components import FirstStage, Query, Reranker
+from irbase.fusion import fuse_reranked, merge_reranked
 from irbase.lm import compute_device
 from irbase.search import Result, check_query
 
-from biencoder.encode import EncodeConfig, encode_collection
-from biencoder.index import KIND as INDEX_KIND, DenseIndex, IndexConfig
 from biencoder.model import BiEncoder
-from crossencoder.runtime import OnnxReranker
 from pipeline.budget import DeadlineLock, PairCost
 from pipeline.config import BUILD_HINT, RunRecord, ServingConfig, default_run_dir
-from pipeline.fusion import fuse_reranked, linear_fusion, reciprocal_rank_fusion
+from pipeline.context import CORPUS_DIR, RunContext
+from pipeline.first_stages import FIRST_STAGES
+from pipeline.rerankers import RERANKERS
 from pipeline.store import PassageStore
 
-CORPUS_DIR = "corpus"
+# the serving settings a first stage is assembled from (the others are read at each search)
+FIRST_STAGE_SETTINGS = {"first_stage", "hybrid", "fusion", "fusion_k", "dense_weight", "bm25_weight"}
 
 
 @dataclass
 class SearchResponse:
     results: list[Result]
-    timings_ms: dict[str, float] = field(default_factory=dict)  # encode, ann, bm25 (hybrid), fetch, rerank, total
+    # encode, then each first stage's own (ann: dense, bm25, fusion: hybrid), fetch, rerank, total
+    timings_ms: dict[str, float] = field(default_factory=dict)
     reranked: int = 0          # candidates the reranker scored
     depth: int = 0             # candidates it was asked to score
     cut_by_deadline: bool = False
@@ -63,9 +67,9 @@ class Retriever:
             raise ArtifactError(f"{model_dir} is not the bi-encoder this run was built with (weights changed); "
                                 f"rebuild with: {BUILD_HINT}")
         self.model = BiEncoder.load(model_dir).eval().to(compute_device())  # queries encode on a GPU when there is one
-        self.reranker = self._load_reranker(self.serving.variant) if self.serving.depth > 0 else None
-        self.index: DenseIndex | None = None
-        self.bm25: BM25Index | None = None
+        self.context = RunContext(self.run_dir, self.record, self.serving, self.model, self.model_id, verify=verify)
+        self.reranker: Reranker | None = self._load_reranker(self.serving.variant) if self.serving.depth > 0 else None
+        self.first_stage: FirstStage | None = None
         self.store: PassageStore | None = None
         if self.record.corpus:
             self._load_corpus()
@@ -75,55 +79,40 @@ class Retriever:
         self._compute = DeadlineLock()
         self.cost = PairCost()  # decides how many candidates fit before each search's deadline
 
-    def _load_reranker(self, variant: str) -> OnnxReranker:
-        path = self.run_dir / self.serving.crossencoder / "onnx" / variant
-        if not (path / "model.onnx").is_file():
-            raise ArtifactError(f"{path} holds no exported cross-encoder: the run is half built. "
-                                f"Finish it with: {BUILD_HINT}")
-        reranker = OnnxReranker(path, threads=self.serving.threads, batch_size=self.serving.rerank_batch)
-        expected = self.record.fingerprints.get("crossencoder")
-        if expected and reranker.manifest.get("model") != expected:
-            raise ArtifactError(f"{path} was exported from another cross-encoder than this run's; "
-                                f"rebuild with: {BUILD_HINT}")
-        return reranker
+    def reconfigured(self, **changes) -> "Retriever":
+        """This retriever serving other settings, sharing its models and store: what tuning grids need. The
+        first stage and the reranker are assembled again when a setting they were built from changes."""
+        other = copy(self)
+        other.serving = replace(self.serving, **changes)
+        other.context = replace(self.context, serving=other.serving)
+        if self.first_stage is not None and changes.keys() & FIRST_STAGE_SETTINGS:
+            other.first_stage = FIRST_STAGES.get(other.serving.first_stage).load(other.context)
+        if self.reranker is not None and changes.keys() & {"reranker", "variant", "crossencoder", "rerank_batch"}:
+            other.reranker = other._load_reranker(other.serving.variant)
+        return other
+
+    def _load_reranker(self, variant: str) -> Reranker:
+        return RERANKERS.get(self.serving.reranker)(self.context, variant)
 
     def _load_corpus(self) -> None:
-        corpus = self.run_dir / CORPUS_DIR
-        self.index = DenseIndex.load(corpus / "index", {"model": self.model_id})
-        self.store = PassageStore(corpus / "passages.sqlite")
-        indexed = read_manifest(corpus / "index", INDEX_KIND)["inputs"].get("collection")
-        if indexed != self.store.collection:
-            raise ArtifactError(f"{corpus}: the passage store holds another collection than the index "
-                                f"({self.store.collection[:19]}... vs {str(indexed)[:19]}...); rebuild with "
-                                "embed_and_store_corpus or " + BUILD_HINT)
-        if len(self.store) != self.index.index.ntotal:
-            raise ArtifactError(f"{corpus}: {len(self.store)} stored passages but {self.index.index.ntotal} indexed")
-        if self.serving.first_stage == "hybrid":
-            if not (corpus / "bm25" / "manifest.json").is_file():
-                raise ArtifactError(f"{corpus} has no BM25 index for the hybrid first stage: call "
-                                    f"embed_and_store_corpus or run {BUILD_HINT}")
-            self.bm25 = BM25Index.load(corpus / "bm25", {"collection": self.store.collection})
+        self.store = self.context.store = PassageStore(self.run_dir / CORPUS_DIR / "passages.sqlite",
+                                                       verify=self.context.verify)
+        self.first_stage = FIRST_STAGES.get(self.serving.first_stage).load(self.context)
 
     def embed_and_store_corpus(self, corpus_path: str | Path, embeddings_dir: str | Path | None = None) -> None:
-        """Encode a collection (TSV or BEIR JSONL) with this run's bi-encoder, build the HNSW index and the
-        passage store, and persist them in the run; resumes from finished embedding shards."""
+        """Store a collection (TSV or BEIR JSONL) and build what the served first stage reads (for the
+        dense one: encoding with this run's bi-encoder, resumable by shard, and the HNSW index); persisted
+        in the run."""
         corpus_path = Path(corpus_path)
         passages = list(formats.iter_collection(corpus_path))
         if not passages:
             raise ValueError(f"{corpus_path}: no passages")
         collection = file_fingerprint(corpus_path)
-        inputs = {"collection": collection, "model": self.model_id}
         corpus = self.run_dir / CORPUS_DIR
         shards = Path(embeddings_dir) if embeddings_dir else corpus / "embeddings"
-        encode_collection(self.model, passages, shards, EncodeConfig(**self.record.encode), inputs, replace_stale=True)
-        index = DenseIndex.from_shards(shards, IndexConfig(**self.record.index))
-        index.save(corpus / "index", inputs)
+        building = replace(self.context, collection=collection, embeddings_dir=shards)
+        FIRST_STAGES.get(self.serving.first_stage).build(building, passages)
         PassageStore.build(corpus / "passages.sqlite", passages, collection, total=len(passages))
-        if self.serving.first_stage == "hybrid":
-            bm25 = BM25Config(**self.record.bm25)  # its expansion path was filled in by the build
-            expansions = read_expansions(bm25.expansion, bm25.expansion_keep) if bm25.expansion else None
-            BM25Index.build(passages, bm25, expansions).save(corpus / "bm25", {"collection": collection,
-                                                                               **expansion_inputs(bm25)})
         self.record.corpus = {"collection": collection, "path": str(corpus_path.resolve()), "passages": len(passages),
                               "embeddings": str(shards)}
         self.record.save(self.run_dir)
@@ -143,9 +132,7 @@ class Retriever:
             raise TypeError(f"depth must be an int or None, got {type(depth).__name__}")
         if depth is not None and depth < 0:
             raise ValueError(f"depth must be >= 0, got {depth}")
-        if self.index is None or self.store is None:
-            raise ArtifactError(f"{self.run_dir} has no corpus yet: call embed_and_store_corpus(path) or run "
-                                f"{BUILD_HINT}")
+        self._check_corpus()
         serving = self.serving
         depth = serving.depth if depth is None else depth
         if depth > 0 and self.reranker is None:
@@ -153,23 +140,33 @@ class Retriever:
         start = time.perf_counter()
         usable_ms = serving.latency_budget_ms - serving.safety_ms
         deadline = start + usable_ms / 1000.0
-        timings: dict[str, float] = {}
-
-        with self._compute.turn(deadline):
-            vector = self.model.encode([query], "query", bf16=serving.query_bf16)
-        t = _lap(timings, "encode", start)
         wanted = max(k, serving.candidates, depth)  # a depth beyond N widens the first stage: rerank what was asked
-        pids, scores = self._first_stage(query, vector, wanted, timings)
+        pids, scores, timings = self._candidates(query, wanted, deadline)
         t = time.perf_counter()
         depth = min(depth, len(pids))
         texts = self.store.get_many(pids[: max(depth, k)])
         t = _lap(timings, "fetch", t)
+        reranked, cut = self._rerank(query, pids[:depth], texts, deadline, usable_ms)
+        t = _lap(timings, "rerank", t)
+        head = [p for p, _ in reranked]
+        fused = fuse_reranked(serving.fusion, head, scores[: len(head)], [sc for _, sc in reranked],
+                              serving.rerank_weight, serving.fusion_k)
+        ranked = merge_reranked(fused, pids[len(head):], scores[len(head):])[:k]
+        missing = [p for p, _ in ranked if p not in texts]
+        if missing:
+            texts.update(self.store.get_many(missing))
+        results = [Result(p, texts.get(p, ""), s) for p, s in ranked]
+        timings["total"] = (time.perf_counter() - start) * 1000.0
+        return SearchResponse(results, timings, len(reranked), depth, cut)
 
+    def _rerank(self, query: str, head: list[str], texts: dict[str, str], deadline: float,
+                usable_ms: float) -> tuple[list[tuple[str, float]], bool]:
+        """The reranker's scores of the head, batch by batch while the deadline allows: (scored, cut)."""
         reranked: list[tuple[str, float]] = []
         cut = False
-        position = 0
-        while position < depth:
-            wanted = min(serving.rerank_batch, depth - position)
+        while len(reranked) < len(head):
+            position = len(reranked)
+            wanted = min(self.serving.rerank_batch, len(head) - position)
             with self._compute.turn(deadline):
                 remaining_ms = (deadline - time.perf_counter()) * 1000.0
                 size = self.cost.affordable(remaining_ms, wanted)
@@ -178,75 +175,50 @@ class Retriever:
                     if not reranked and remaining_ms > usable_ms / 2:  # not queueing: the estimate is to blame
                         self.cost.relax()
                     break
-                batch = pids[position: position + size]
+                batch = head[position: position + size]
                 batch_start = time.perf_counter()
                 batch_scores = self.reranker.score(query, [texts[p] for p in batch])
                 self.cost.observe((time.perf_counter() - batch_start) * 1000.0 / len(batch))
             reranked.extend(zip(batch, map(float, batch_scores)))
-            position += len(batch)
             if cut:
                 break
-        t = _lap(timings, "rerank", t)
+        return reranked, cut
 
-        head = [p for p, _ in reranked]
-        reranked = fuse_reranked(serving.fusion, head, scores[: len(head)], [sc for _, sc in reranked],
-                                 serving.rerank_weight, serving.fusion_k)
-        floor = min((s for _, s in reranked), default=0.0)
-        tail = [(p, floor - 1.0 - i * 1e-3 if reranked else float(s))
-                for i, (p, s) in enumerate(zip(pids[position:], scores[position:]))]
-        ranked = (reranked + tail)[:k]
-        missing = [p for p, _ in ranked if p not in texts]
-        if missing:
-            texts.update(self.store.get_many(missing))
-        results = [Result(p, texts.get(p, ""), s) for p, s in ranked]
-        timings["total"] = (time.perf_counter() - start) * 1000.0
-        return SearchResponse(results, timings, len(reranked), depth, cut)
-
-    def candidates(self, query: str, n: int) -> tuple[list[str], list[float]]:
-        """The first stage's top n ids and scores, before any reranking: what benchmarks.sweep reranks offline
-        to fit the depth and the reranker weight together."""
-        check_query(query, n)
-        if self.index is None:
+    def _check_corpus(self) -> None:
+        if self.first_stage is None or self.store is None:
             raise ArtifactError(f"{self.run_dir} has no corpus yet: call embed_and_store_corpus(path) or run "
                                 f"{BUILD_HINT}")
-        vector = self.model.encode([query], "query", bf16=self.serving.query_bf16)
-        return self._first_stage(query, vector, n, {})
 
-    def _first_stage(self, query: str, vector, wanted: int, timings: dict[str, float]) -> tuple[list[str], list[float]]:
-        """The top `wanted` candidates and their first-stage scores."""
-        t = time.perf_counter()
-        scores, pids = self.index.search(vector, wanted)
-        scores, pids = [float(s) for s in scores[0]], list(pids[0])
-        t = _lap(timings, "ann", t)
-        if self.bm25 is None:
-            return pids, scores
-        if self.serving.fusion == "rrf":
-            lexical = [p for p, _ in self.bm25.search_ids([query], wanted)[0]]
-            fused = reciprocal_rank_fusion([lexical, pids], self.serving.fusion_k,
-                                           [1.0, self.serving.dense_weight])[:wanted]
-        else:
-            union, dense, bm25 = self.hybrid_features(query, vector, pids, scores, wanted)
-            fused = linear_fusion(union, dense, bm25, self.serving.bm25_weight)[:wanted]
-        _lap(timings, "bm25", t)
-        return [p for p, _ in fused], [s for _, s in fused]
+    def query(self, text: str, deadline: float | None = None) -> Query:
+        """The query as the first stage takes it: encoded by the bi-encoder when the stage needs a vector."""
+        query = Query(text)
+        if self.first_stage is not None and self.first_stage.needs_vector:
+            start = time.perf_counter()
+            with self._compute.turn(deadline if deadline is not None else start + 3600.0):
+                query.vector = self.model.encode([text], "query", bf16=self.serving.query_bf16)
+            query.timings_ms["encode"] = (time.perf_counter() - start) * 1000.0
+        return query
 
-    def hybrid_features(self, query: str, vector, pids: list[str], scores: list[float],
-                        k: int) -> tuple[list[str], list[float], list[float]]:
-        """The union of the dense candidates (`pids`, `scores`) and BM25's top k, each with both scores: what
-        score fusion weighs (`benchmarks.fusion` fits the weight on these). One BM25 scoring pass gives
-        both BM25's top k and the scores of the passages only the bi-encoder found."""
-        all_bm25 = self.bm25.scores(query)
-        bm25 = dict(self.bm25.top_ids(all_bm25, k))
-        dense = dict(zip(pids, scores))
-        union = list(dict.fromkeys([*pids, *bm25]))
-        only_bm25 = [p for p in union if p not in dense]
-        dense.update(zip(only_bm25, map(float, self.index.score_ids(vector[0], only_bm25))))
-        only_dense = [p for p in union if p not in bm25]
-        bm25.update(zip(only_dense, map(float, all_bm25[self.bm25.rows(only_dense)])))
-        return union, [dense[p] for p in union], [bm25[p] for p in union]
+    def _candidates(self, text: str, n: int, deadline: float | None) -> tuple[list[str], list[float], dict]:
+        query = self.query(text, deadline)
+        start = time.perf_counter()
+        pids, scores = self.first_stage.search(query, n)
+        query.timings_ms.setdefault(self.first_stage.timing, (time.perf_counter() - start) * 1000.0)
+        return pids, scores, {"encode": 0.0, **query.timings_ms}
+
+    def candidates(self, query: str, n: int) -> tuple[list[str], list[float]]:
+        """The first stage's top n ids and scores, before any reranking: what tuning.sweep reranks offline
+        to fit the depth and the reranker weight together."""
+        check_query(query, n)
+        self._check_corpus()
+        pids, scores, _ = self._candidates(query, n, None)
+        return pids, scores
 
     def describe(self) -> dict:
-        return {"run_dir": str(self.run_dir), "serving": asdict(self.serving), "corpus": self.record.corpus}
+        """What is served and why: the settings, the corpus, and the fits that chose them (tuning.fusion,
+        tuning.sweep: split, queries, gain, command, date and the values they replaced)."""
+        return {"run_dir": str(self.run_dir), "serving": asdict(self.serving), "corpus": self.record.corpus,
+                "tuned": {"fusion": self.record.fusion_fit, "sweep": self.record.sweep}}
 
 
 def _lap(timings: dict[str, float], name: str, since: float) -> float:

@@ -27,9 +27,8 @@ def _print(response, as_json: bool, width: int = 110) -> None:
         snippet = snippet if len(snippet) <= width else snippet[: width - 3] + "..."
         print(f"{rank:>3}. {r.document_id:>10}  {r.score:9.4f}  {snippet}")
     t = response.timings_ms
-    bm25 = f", bm25 + fusion {t['bm25']:.1f}" if "bm25" in t else ""
-    print(f"  {t['total']:.0f} ms: encode {t['encode']:.0f}, ann {t['ann']:.1f}{bm25}, fetch {t['fetch']:.1f}, "
-          f"rerank {t['rerank']:.0f} ({response.reranked}/{response.depth} candidates"
+    steps = ", ".join(f"{name} {ms:.1f}" for name, ms in t.items() if name != "total")
+    print(f"  {t['total']:.0f} ms: {steps} ({response.reranked}/{response.depth} candidates reranked"
           f"{', cut by the deadline' if response.cut_by_deadline else ''})")
 
 

@@ -122,7 +122,7 @@ def build_tiny_run(root: Path, tiny_decoder: Path, tiny_encoder: Path) -> Path:
     export_variants(ce, run / "ce" / "onnx", ExportConfig(variants=["fp32"]),
                     [(q, list(PASSAGES.values())) for q in QUERIES.values()],
                     extra={"model": model_fingerprint(run / "ce" / "model")})
-    RunRecord(serving=ServingConfig(biencoder="bi", crossencoder="ce", variant="fp32", candidates=5, depth=3,
+    RunRecord(serving=ServingConfig(biencoder="bi", crossencoder="ce", variant="fp32", candidates=5, depth=3, fusion="rrf",
                                     threads=1, rerank_batch=2, query_bf16=False, rerank_weight=None),
               fingerprints={"biencoder": model_fingerprint(run / "bi" / "model"),
                             "crossencoder": model_fingerprint(run / "ce" / "model")},

@@ -52,7 +52,7 @@ def test_latency_summary_percentiles():
 def test_benchmark_cli_on_bm25(tmp_path, tiny_msmarco, capsys):
     out = tmp_path / "bench"
     code = run_main(["--system", "bm25", "--data", str(tiny_msmarco), "--split", "dev", "--out", str(out),
-                     f"run.dir={tmp_path / 'run'}", "benchmark.warmup=1"])
+                     f"run.dir={tmp_path / 'run'}", "benchmark.warmup=1", "bm25.expansion=null"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| bm25 | 1.0000 |" in printed  # every tiny query has an unambiguous answer

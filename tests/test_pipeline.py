@@ -29,7 +29,7 @@ from crossencoder.runtime import OnnxReranker
 from pipeline import Result, Retriever
 from pipeline.budget import DeadlineLock, PairCost
 from pipeline.config import RunRecord, ServingConfig
-from pipeline.fusion import linear_fusion, reciprocal_rank_fusion, rerank_by_score, rerank_order
+from irbase.fusion import linear_fusion, reciprocal_rank_fusion, rerank_by_score, rerank_order
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,13 +44,18 @@ def retriever(tiny_run) -> Retriever:
     return Retriever(tiny_run)
 
 
+def _bm25(retriever: Retriever):
+    """The BM25 index inside the served hybrid first stage."""
+    return retriever.first_stage.stages[1].index
+
+
 def _fused_by_hand(retriever: Retriever, query: str) -> list[tuple[str, float]]:
-    """The hybrid first stage over the whole tiny collection from its definition (pipeline.fusion, rrf): BM25's
+    """The hybrid first stage over the whole tiny collection from its definition (irbase.fusion, rrf): BM25's
     ranking (passages it scores above 0) and the bi-encoder's exact inner-product ranking, each passage scoring
     1 / (k + BM25 rank) + dense_weight / (k + dense rank), ranks from 1. No index, no fusion code."""
     vector = retriever.model.encode([query], "query", bf16=False)[0]
     dense = {p: float(vector @ retriever.model.encode([text], "passage", bf16=False)[0]) for p, text in PASSAGES.items()}
-    lexical = dict(zip(PASSAGES, map(float, retriever.bm25.score_ids(query, list(PASSAGES)))))
+    lexical = dict(zip(PASSAGES, map(float, _bm25(retriever).score_ids(query, list(PASSAGES)))))
     k, weight = retriever.serving.fusion_k, retriever.serving.dense_weight
     fused = dict.fromkeys(PASSAGES, 0.0)
     for rank, p in enumerate(sorted((p for p in PASSAGES if lexical[p] > 0), key=lambda p: -lexical[p]), 1):
@@ -65,7 +70,7 @@ def _fused_by_hand(retriever: Retriever, query: str) -> list[tuple[str, float]]:
 def test_results_reranked_on_top_first_stage_below(retriever, tiny_run):
     """The top `depth` of the first stage (computed here by hand) reordered by the cross-encoder's scores
     (computed here by torch, not by the ONNX runtime the pipeline serves), the rest below in first-stage
-    order; with a reranker weight, the two rankings fused as pipeline.fusion documents."""
+    order; with a reranker weight, the two rankings fused as irbase.fusion documents."""
     query = "what is the capital of australia"
     assert (retriever.serving.depth, retriever.serving.fusion, retriever.serving.rerank_weight) == (3, "rrf", None)
     first = [p for p, _ in _fused_by_hand(retriever, query)][:5]
@@ -83,7 +88,7 @@ def test_results_reranked_on_top_first_stage_below(retriever, tiny_run):
     np.testing.assert_allclose([r.score for r in results[:3]], [torch_scores[p] for p in head], atol=1e-4)
     # below every reranked score, in first-stage order
     assert results[2].score > results[3].score > results[4].score
-    assert set(response.timings_ms) == {"encode", "ann", "bm25", "fetch", "rerank", "total"}
+    assert set(response.timings_ms) == {"encode", "ann", "bm25", "fusion", "fetch", "rerank", "total"}
 
     # rerank_weight w under rrf: 1 / (k + first-stage rank) + w / (k + reranker rank) over the head, k = 10.
     # Here both rankings put the same passage first and swap the other two: w < 1 keeps the first stage's
@@ -116,8 +121,9 @@ def test_score_fusion_first_stage_and_rerank(retriever):
     first = scored.search_detailed(query, 6, depth=0).results
     vector = scored.model.encode([query], "query", bf16=False)
     dense = {p: float(vector[0] @ scored.model.encode([PASSAGES[p]], "passage", bf16=False)[0]) for p in PASSAGES}
-    lexical = dict(zip(PASSAGES, scored.bm25.score_ids(query, list(PASSAGES))))
-    found = set(scored.index.search(vector, 6)[1][0]) | {p for p, _ in scored.bm25.search_ids([query], 6)[0]}
+    dense_index, bm25 = (stage.index for stage in scored.first_stage.stages)
+    lexical = dict(zip(PASSAGES, bm25.score_ids(query, list(PASSAGES))))
+    found = set(dense_index.search(vector, 6)[1][0]) | {p for p, _ in bm25.search_ids([query], 6)[0]}
     expected = sorted(((p, dense[p] + 0.3 * lexical[p]) for p in found), key=lambda item: -item[1])
     assert [r.document_id for r in first] == [p for p, _ in expected][:6]
     np.testing.assert_allclose([r.score for r in first], [s for _, s in expected][:6], atol=1e-4)
@@ -133,12 +139,7 @@ def test_score_fusion_first_stage_and_rerank(retriever):
 
 
 def replace_serving(retriever: Retriever, **changes) -> Retriever:
-    from copy import copy
-    from dataclasses import replace
-
-    other = copy(retriever)
-    other.serving = replace(retriever.serving, **changes)
-    return other
+    return retriever.reconfigured(**changes)
 
 
 def test_linear_fusion_and_rerank_by_score_by_hand():
@@ -462,11 +463,11 @@ def test_search_cli(tiny_run, tmp_path):
     missing = _cli("ok", run=tmp_path / "absent")
     assert missing.returncode == 1 and "python -m pipeline.build" in missing.stderr
     text = _cli("do goldfish grow", "-k", "2", "--depth", "0", run=tiny_run)
-    assert text.returncode == 0 and "1." in text.stdout and "ms: encode" in text.stdout and "bm25 + fusion" in text.stdout
+    assert text.returncode == 0 and "1." in text.stdout and "ms: encode" in text.stdout and ", bm25 " in text.stdout and ", fusion " in text.stdout
 
 
 def test_sweep_choice_respects_the_budget_margin():
-    from benchmarks.sweep import choose
+    from tuning.sweep import choose
 
     rows = [{"variant": "none", "depth": 0, "recall@1": 0.5, "mrr@10": 0.6, "latency_ms": {"p95": 20.0}},
             {"variant": "int8", "depth": 20, "recall@1": 0.7, "mrr@10": 0.8, "latency_ms": {"p95": 700.0}},
@@ -482,7 +483,7 @@ def test_sweep_chooses_the_best_row_within_the_margin_and_records_each_rows_pair
     differences have sd sqrt((5 - 20 x 0.05^2) / 19) = 0.5104, so its standard error is 0.1141; depth 0
     trails by 0.2 with SE sqrt((4 - 20 x 0.2^2) / 19) / sqrt(20) = 0.0918. int8 depth 50 is better but over
     the latency margin."""
-    from benchmarks.sweep import choose, distances_from_best
+    from tuning.sweep import choose, distances_from_best
 
     qids = [f"q{i:02d}" for i in range(20)]
     hits = {("fp32", 20): [1.0] * 16 + [0.0] * 4,
@@ -511,7 +512,7 @@ def test_sweep_chooses_the_best_row_within_the_margin_and_records_each_rows_pair
 def test_sweep_offline_rankings_are_what_the_retriever_serves(retriever, fusion):
     """The sweep fits depth and weight from one first-stage pass and shared reranker batches; every (depth,
     weight) must rank exactly as Retriever with that depth and weight (batches of 2: depth 3 and 5 share one)."""
-    from benchmarks.offline import batches, offline_runs
+    from tuning.offline import batches, offline_runs
 
     assert batches(5, 2) == [(0, 2), (2, 4), (4, 5)] and batches(0, 2) == []
     base = replace_serving(retriever, fusion=fusion, bm25_weight=0.3, latency_budget_ms=float("inf"))
@@ -526,7 +527,7 @@ def test_sweep_offline_rankings_are_what_the_retriever_serves(retriever, fusion)
 
 
 def test_sweep_latency_stops_a_variant_at_its_first_depth_over_the_limit(retriever):
-    from benchmarks.sweep import measure_latency
+    from tuning.sweep import measure_latency
 
     queries = sorted(QUERIES.items())
     rows = measure_latency({"fp32": retriever}, queries, [0, 2, 4], limit_ms=float("inf"), k=5, warmup=1)
@@ -544,11 +545,11 @@ def test_sweep_cli_writes_table_plot_and_choice(tmp_path, tiny_run):
     write_tsv(data / "queries.dev.tsv", QUERIES.items())
     write_tsv(data / "qrels.dev.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--run", str(run), "--data", str(data),
+    out = subprocess.run([sys.executable, "-m", "tuning.sweep", "--run", str(run), "--data", str(data),
                           "--split", "dev", "--depths", "2", "4", "--variants", "fp32", "--rerank-weights", "0", "1",
                           "--latency-sample", "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    sweep = json.loads((run / "benchmarks" / "sweep-dev" / "sweep.json").read_text())
+    sweep = json.loads((run / "tuning" / "sweep-dev" / "sweep.json").read_text())
     rows = sweep["rows"]
     assert [(r["variant"], r["depth"]) for r in rows] == [("none", 0), ("fp32", 2), ("fp32", 4)]  # 0 always
     assert all(r["latency_ms"]["n"] == 3 and r["queries"] == len(QUERIES) for r in rows)
@@ -566,7 +567,7 @@ def test_sweep_cli_writes_table_plot_and_choice(tmp_path, tiny_run):
     assert (chosen["variant"], chosen["depth"]) == (best["variant"], best["depth"])
     assert chosen["behind_best"] == {"difference": 0.0, "standard_error": 0.0}
     assert all(r["behind_best"]["difference"] == pytest.approx(best["recall@1"] - r["recall@1"]) for r in allowed)
-    assert (run / "benchmarks" / "sweep-dev" / "sweep.png").stat().st_size > 1000
+    assert (run / "tuning" / "sweep-dev" / "sweep.png").stat().st_size > 1000
     record = json.loads((run / "pipeline.json").read_text())
     assert record["serving"]["depth"] == choice["depth"] and record["sweep"] == choice
     assert record["serving"]["rerank_weight"] == choice["rerank_weight"]
@@ -583,11 +584,11 @@ def test_fusion_cli_fits_both_weights_and_writes_them_into_the_run(tmp_path, tin
     write_tsv(data / "queries.dev.tsv", QUERIES.items())
     write_tsv(data / "qrels.dev.tsv", [(q, 0, p, r) for q, j in QRELS.items() for p, r in j.items()])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.fusion", "--run", str(run), "--data", str(data),
+    out = subprocess.run([sys.executable, "-m", "tuning.fusion", "--run", str(run), "--data", str(data),
                           "--split", "dev", "--depth", "2", "--bm25-weights", "0", "0.5",
                           "--rerank-weights", "0", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    fit = json.loads((run / "benchmarks" / "fusion-dev" / "fusion.json").read_text())
+    fit = json.loads((run / "tuning" / "fusion-dev" / "fusion.json").read_text())
     assert [r["bm25_weight"] for r in fit["first_stage"]] == [0.0, 0.5]
     assert [r["rerank_weight"] for r in fit["rerank"]] == [None, 0.0, 1.0]
     best = max(fit["first_stage"], key=lambda r: (r["recall@1"], r["mrr@10"]))
@@ -603,7 +604,7 @@ def test_fusion_cli_fits_both_weights_and_writes_them_into_the_run(tmp_path, tin
     assert Retriever(run).serving.fusion == "score"
     # an experiment's reranker is fitted beside the served one, never written into the run
     served = run / record["serving"]["crossencoder"] / "onnx" / record["serving"]["variant"]
-    args = [sys.executable, "-m", "benchmarks.fusion", "--run", str(run), "--data", str(data), "--split", "dev",
+    args = [sys.executable, "-m", "tuning.fusion", "--run", str(run), "--data", str(data), "--split", "dev",
             "--depth", "2", "--bm25-weights", "0", "0.5", "--rerank-weights", "0", "1", "--reranker", str(served)]
     refused = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--no-write" in refused.stderr
@@ -708,7 +709,7 @@ def test_a_changed_setting_reruns_only_the_stages_downstream_of_it():
     assert needs["synthetic-negatives"] == ["filter"] and "synthetic-negatives" in needs["biencoder-r2"]
 
 
-def test_build_stage_order_and_a_new_reranker_voids_the_settings_fitted_for_the_last(tmp_path, tiny_run):
+def test_build_stage_order_and_the_corpus_stage_serves_the_recipe_not_an_older_fit(tmp_path, tiny_run, monkeypatch):
     from pipeline.build import Builder
 
     run = tmp_path / "run"
@@ -731,16 +732,19 @@ def test_build_stage_order_and_a_new_reranker_voids_the_settings_fitted_for_the_
     assert (option("--queries"), option("--qrels"), option("--out")) == (
         f"{run}/qg/queries.synthetic.tsv", f"{run}/qg/qrels.synthetic.tsv", f"{run}/negatives.synthetic.bm25.tsv")
     assert mine.outputs == ["negatives.synthetic.bm25.tsv"] and "bm25.expansion=null" not in mine.command
-    # a new cross-encoder voids the depth, variant and reranker weight fitted for the last one
+    # the corpus stage records the recipe's settings and both models, never an older run's fits
     record = RunRecord.load(run)
-    record.fingerprints["crossencoder"] = "sha256:an-older-model"
     record.serving.depth, record.serving.rerank_weight, record.sweep = 9, 0.02, {"depth": 9}
     record.save(run)
-    builder._record_reranker()
+    monkeypatch.setattr("pipeline.retriever.Retriever.embed_and_store_corpus", lambda self, *a, **k: None)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_run.parent / "data", data)
+    write_tsv(data / "queries.dev.tsv", QUERIES.items())
+    write_tsv(data / "qrels.dev.tsv", [("q1", 0, "p1", 1)])
+    config.write_text(f"run: {{dir: {run}}}\ndata: {{root: {data}}}\npipeline: {{biencoder: bi, crossencoder: ce, "
+                      "depth: 3, variant: fp32, rerank_weight: 0.5}\n")
+    Builder(str(config), [])._corpus()
     after = RunRecord.load(run)
-    assert after.fingerprints["crossencoder"] == model_fingerprint(run / after.serving.crossencoder / "model")
     assert (after.serving.depth, after.serving.variant, after.serving.rerank_weight, after.sweep) == (3, "fp32", 0.5, None)
-    after.serving.depth = 5  # the sweep's new choice survives recording the same model again
-    after.save(run)
-    builder._record_reranker()
-    assert RunRecord.load(run).serving.depth == 5
+    assert after.fingerprints == {"biencoder": model_fingerprint(run / "bi" / "model"),
+                                  "crossencoder": model_fingerprint(run / "ce" / "model")}

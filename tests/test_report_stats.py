@@ -16,7 +16,7 @@ from benchmarks.load import load_test
 from benchmarks.paired import compare_runs, main as paired_main, rank1_overlap
 from benchmarks.stats import bootstrap_interval, paired_test, per_query_values, standard_error
 from benchmarks.systems import RerankedSearcher
-from pipeline.fusion import rerank_by_score, rerank_order
+from irbase.fusion import rerank_by_score, rerank_order
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_queries():

@@ -32,7 +32,7 @@ def test_smoke_build_then_search(tmp_path):
         assert f"{stage} " in out.stdout and (run / "stages" / f"{stage}.json").is_file(), stage
     result = json.loads((run / "benchmarks" / "pipeline-dev" / "results.json").read_text())
     assert result["num_queries"] == 16 and result["latency_ms"]["p95"] > 0
-    sweep = json.loads((run / "benchmarks" / "sweep-dev" / "sweep.json").read_text())
+    sweep = json.loads((run / "tuning" / "sweep-dev" / "sweep.json").read_text())
     assert json.loads((run / "pipeline.json").read_text())["serving"]["depth"] == sweep["choice"]["depth"]
     biencoder = json.loads((run / "biencoder-r2" / "model" / "biencoder.json").read_text())
     assert biencoder["decoder"] and biencoder["biencoder"]["base_lm"]["name"] == "pypi:gemma3-270m"

@@ -114,9 +114,9 @@ def test_config_changes_by_hand():
 
 ENTRY_POINTS = ["biencoder.train", "biencoder.encode", "biencoder.index", "biencoder.mine", "biencoder.evaluate",
                 "crossencoder.train", "crossencoder.export", "querygen.train", "querygen.generate", "querygen.filter",
-                "pipeline.build", "pipeline.search", "benchmarks.run", "benchmarks.sweep", "benchmarks.compare",
-                "benchmarks.rerank", "benchmarks.load", "benchmarks.fusion", "benchmarks.paired", "irbase.bm25",
-                "irbase.download", "irbase.slice"]
+                "pipeline.build", "pipeline.search", "benchmarks.run", "tuning.sweep", "benchmarks.compare",
+                "benchmarks.rerank", "benchmarks.load", "tuning.fusion", "benchmarks.paired", "benchmarks.soak",
+                "irbase.bm25", "irbase.download", "irbase.slice"]
 LAUNCHED = ["biencoder.train", "crossencoder.train", "querygen.train", "biencoder.encode"]  # by `deepspeed`
 _OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9_-]*|-[a-z])(?![\w-])")
 

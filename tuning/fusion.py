@@ -1,7 +1,7 @@
 """Fit the score-fusion weights of a built run on a tuning split and write them into it.
 
-    python -m benchmarks.fusion --run runs/mini --split dev-large --sample 1000 [--depth 10] [--no-write]
-    python -m benchmarks.fusion --split dev-large --depth 10 --no-write --reranker runs/mini/exp/onnx/int8
+    python -m tuning.fusion --run runs/mini --split dev-large --sample 1000 [--depth 10] [--no-write]
+    python -m tuning.fusion --split dev-large --depth 10 --no-write --reranker runs/mini/exp/onnx/int8
 
 Two grid searches, each keeping the best recall@1 (MRR@10 breaks ties), on the same queries:
 1. `bm25_weight`: the hybrid first stage alone, dense inner product + w x BM25 score over the union of
@@ -11,18 +11,16 @@ Two grid searches, each keeping the best recall@1 (MRR@10 breaks ties), on the s
    first-stage score + w x the reranker's z-scored score (w 0: the first stage alone; none: the
    reranker alone).
 The chosen weights and `fusion: score` are written into the run's pipeline.json (unless --no-write), so
-`Retriever()` serves them. The build runs this with --depth 0 (the BM25 weight only): benchmarks.sweep then
+`Retriever()` serves them. The build runs this with --depth 0 (the BM25 weight only): tuning.sweep then
 fits the reranker weight together with the depth. The grid at one depth stays here for experiments with
 --reranker. Fit on a tuning split (dev-large), judge on dev. Writes fusion.json into --out (default
-<run>/benchmarks/fusion-<split>).
+<run>/tuning/fusion-<split>).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from copy import copy
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -35,11 +33,13 @@ from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig, RunConfig
 
 from benchmarks.harness import select_queries
-from benchmarks.offline import offline_runs
+from tuning.offline import offline_runs
+from tuning.provenance import provenance
 from benchmarks.stats import paired_test, per_query_values
 from crossencoder.runtime import OnnxReranker
 from pipeline.config import RunRecord
-from pipeline.fusion import linear_fusion, reciprocal_rank_fusion
+from irbase.fusion import weighted_fusion
+from pipeline.first_stages.hybrid import HybridStage
 from pipeline.retriever import Retriever
 
 log = logging.getLogger(__name__)
@@ -69,31 +69,29 @@ def _best(rows: list[dict]) -> dict:
 def fit(retriever: Retriever, queries: list[tuple[str, str]], qrels, depth: int,
         bm25_weights: Sequence[float] = BM25_WEIGHTS, rerank_weights: Sequence[float] = RERANK_WEIGHTS) -> dict:
     """Both grid searches; returns every row and the two choices."""
-    if retriever.bm25 is None:
-        raise ValueError(f"{retriever.run_dir} serves a dense first stage: score fusion needs the hybrid one")
+    hybrid = retriever.first_stage
+    if not isinstance(hybrid, HybridStage):
+        raise ValueError(f"{retriever.run_dir} serves the {retriever.serving.first_stage} first stage: score "
+                         "fusion needs the hybrid one")
     serving = retriever.serving
     features = {}
     for qid, text in tqdm(queries, desc="first-stage features", unit="q"):
-        vector = retriever.model.encode([text], "query", bf16=serving.query_bf16)
-        scores, pids = retriever.index.search(vector, serving.candidates)
-        union, dense, bm25 = retriever.hybrid_features(text, vector, list(pids[0]), [float(s) for s in scores[0]],
-                                                       serving.candidates)
-        lexical = [p for p, _ in retriever.bm25.search_ids([text], serving.candidates)[0]]
-        rrf = reciprocal_rank_fusion([lexical, list(pids[0])], serving.fusion_k, [1.0, serving.dense_weight])
-        features[qid] = (union, dense, bm25, [p for p, _ in rrf])
-    rrf_row = {"fusion": "rrf", **_means({q: f[3] for q, f in features.items()}, qrels)}
+        query = retriever.query(text)
+        found = hybrid.gather(query, serving.candidates)
+        union, columns = hybrid.features(query, found)
+        features[qid] = (union, columns, [p for p, _ in hybrid.rank_fusion(found)])
+    rrf_row = {"fusion": "rrf", **_means({q: f[2] for q, f in features.items()}, qrels)}
     first_rows = []
     for w in bm25_weights:
-        run = {q: [p for p, _ in linear_fusion(u, d, b, w)] for q, (u, d, b, _) in features.items()}
+        run = {q: [p for p, _ in weighted_fusion(u, c, hybrid.weights(w))] for q, (u, c, _) in features.items()}
         first_rows.append({"bm25_weight": w, **_means(run, qrels)})
     bm25_weight = _best(first_rows)["bm25_weight"]
 
-    fused = {q: linear_fusion(u, d, b, bm25_weight) for q, (u, d, b, _) in features.items()}
+    fused = {q: weighted_fusion(u, c, hybrid.weights(bm25_weight)) for q, (u, c, _) in features.items()}
     first_run = {q: [p for p, _ in ranked] for q, ranked in fused.items()}
     rerank_rows, runs = [], {}
     if depth > 0:  # the reranked head as Retriever would serve it with the fitted BM25 weight
-        fitted = copy(retriever)
-        fitted.serving = replace(serving, first_stage="hybrid", fusion="score", bm25_weight=bm25_weight)
+        fitted = retriever.reconfigured(first_stage="hybrid", fusion="score", bm25_weight=bm25_weight)
         weights = [None, *rerank_weights]
         known = {}  # the first stage computed above is Retriever's when no deeper list is asked for
         if depth <= serving.candidates:
@@ -109,14 +107,14 @@ def fit(retriever: Retriever, queries: list[tuple[str, str]], qrels, depth: int,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fusion", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tuning.fusion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="built run directory (default: run.dir of the config)")
     parser.add_argument("--sample", type=int, default=1000, help="a fixed random subset of the judged queries")
     parser.add_argument("--depth", type=int, help="candidates reranked while fitting (default: the run's depth)")
     parser.add_argument("--bm25-weights", type=float, nargs="+", default=list(BM25_WEIGHTS))
     parser.add_argument("--rerank-weights", type=float, nargs="+", default=list(RERANK_WEIGHTS))
-    parser.add_argument("--out", help="default: <run>/benchmarks/fusion-<split>")
+    parser.add_argument("--out", help="default: <run>/tuning/fusion-<split>")
     parser.add_argument("--no-write", action="store_true", help="do not write the weights into the run")
     parser.add_argument("--reranker", help="an exported reranker (<stage>/onnx/<variant>) to fit instead of "
                                            "the served one: an experiment, so only with --no-write")
@@ -159,11 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         gain = result["rerank_gain"]
         print(f"reranking at the chosen weight minus the first stage alone, recall@1: {gain['difference']:+.4f} "
               f"[{gain['low']:+.4f}, {gain['high']:+.4f}], p {gain['p_value']:.4f} (paired, same queries)")
-    out = Path(args.out or run_dir / "benchmarks" / f"fusion-{args.split}")
+    out = Path(args.out or run_dir / "tuning" / f"fusion-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
     choice = {"fusion": "score", "bm25_weight": result["bm25_weight"], "rerank_weight": result["rerank_weight"],
               "depth": depth, "variant": retriever.serving.variant, "split": args.split, "queries": len(queries),
-              **({"reranker": args.reranker} if args.reranker else {})}
+              **({"reranker": args.reranker} if args.reranker else {}),
+              **provenance("tuning.fusion", argv, {k: getattr(record.serving, k) for k in ("fusion", "bm25_weight",
+                                                                                         "rerank_weight")})}
     atomic_write_json(out / "fusion.json", {**result, "choice": choice, "dataset": dataset.describe(),
                                             "environment": environment()})
     if not args.no_write:

@@ -7,10 +7,10 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from pipeline.fusion import fuse_reranked
+from irbase.fusion import fuse_reranked, merge_reranked
 from pipeline.retriever import Retriever
 
-FirstStage = dict[int, dict[str, tuple[list[str], list[float]]]]  # candidates wanted -> qid -> (ids, scores)
+Candidates = dict[int, dict[str, tuple[list[str], list[float]]]]  # candidates wanted -> qid -> (ids, scores)
 
 
 def batches(depth: int, size: int) -> list[tuple[int, int]]:
@@ -20,7 +20,7 @@ def batches(depth: int, size: int) -> list[tuple[int, int]]:
 
 def offline_runs(retriever: Retriever, queries: list[tuple[str, str]], depths: Sequence[int],
                  weights: Sequence[float | None], k: int = 100,
-                 first: FirstStage | None = None,
+                 first: Candidates | None = None,
                  ) -> dict[tuple[int, float | None], dict[str, list[str]]]:
     """The ranking `Retriever(depth=d, rerank_weight=w).search(q, k)` returns (with no deadline), for every
     depth d and weight w (depth 0: the first stage, keyed by weight None). `first` caches the first stage
@@ -49,6 +49,6 @@ def offline_runs(retriever: Retriever, queries: list[tuple[str, str]], depths: S
                 head = min(depth, len(pids))
                 ce = [s for span in batches(head, serving.rerank_batch) for s in scores[(qid, wanted, *span)]]
                 order = fuse_reranked(serving.fusion, pids[:head], first_scores[:head], ce, weight, serving.fusion_k)
-                run[qid] = ([p for p, _ in order] + pids[head:])[:k]
+                run[qid] = [p for p, _ in merge_reranked(order, pids[head:], first_scores[head:])][:k]
             runs[(depth, weight)] = run
     return runs

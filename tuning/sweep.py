@@ -1,6 +1,6 @@
 """Tune the rerank depth, ONNX variant and reranker weight of a built run against p95 latency and recall@1.
 
-    python -m benchmarks.sweep --run runs/mini --split dev-large --sample 1000 [--latency-sample 100]
+    python -m tuning.sweep --run runs/mini --split dev-large --sample 1000 [--latency-sample 100]
                                [--depths 0 5 10 20 30 50] [--variants fp32 int8] [--rerank-weights ...]
                                [--margin 0.8] [--no-write]
 
@@ -20,7 +20,7 @@ for p95 759 -> 154 ms; not adopted: benchmarks/reports/pipeline-mini-dev.md.) Th
 the run's pipeline.json: depth, variant and rerank_weight. Its paired gain over depth 0 is printed and
 recorded.
 Depth and weight are fitted together on many queries of a tuning split (dev-large), so dev stays a test.
-Writes sweep.json and sweep.png into --out (default <run>/benchmarks/sweep-<split>).
+Writes sweep.json and sweep.png into --out (default <run>/tuning/sweep-<split>).
 """
 from __future__ import annotations
 
@@ -40,9 +40,10 @@ from irbase.dataset import add_dataset_args, dataset_from_args
 from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig, RunConfig
 
-from benchmarks.fusion import RERANK_WEIGHTS
+from tuning.fusion import RERANK_WEIGHTS
 from benchmarks.harness import latency_summary, select_queries
-from benchmarks.offline import offline_runs
+from tuning.offline import offline_runs
+from tuning.provenance import provenance
 from benchmarks.stats import paired_test, per_query_values, standard_error
 from pipeline.config import RunRecord
 from pipeline.retriever import Retriever
@@ -172,7 +173,7 @@ def plot(rows: list[dict], budget_ms: float, margin: float, path: Path, chosen: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tuning.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="built run directory (default: run.dir of the config)")
     parser.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS), help="depth 0 is always measured")
@@ -183,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-sample", type=int, default=100,
                         help="queries of that subset timed per (variant, depth)")
     parser.add_argument("--margin", type=float, default=0.8, help="p95 must stay within margin x budget")
-    parser.add_argument("--out", help="default: <run>/benchmarks/sweep-<split>")
+    parser.add_argument("--out", help="default: <run>/tuning/sweep-<split>")
     parser.add_argument("--no-write", action="store_true", help="do not write the choice into the run")
     add_config_args(parser)
     add_dataset_args(parser, split=None)
@@ -229,14 +230,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{r['variant']:<8} {r['depth']:>5} {weight:>6} {quality_cells} {lat['p50']:>7.1f} {lat['p95']:>7.1f} "
               f"{lat['p99']:>7.1f} {behind:>15}{mark}")
     gain = chosen["gain_over_depth_0"]
-    out = Path(args.out or run_dir / "benchmarks" / f"sweep-{args.split}")
+    out = Path(args.out or run_dir / "tuning" / f"sweep-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
     reranks = chosen["depth"] > 0
     choice = {"variant": chosen["variant"] if reranks else record.serving.variant, "depth": chosen["depth"],
               "rerank_weight": chosen["rerank_weight"] if reranks else record.serving.rerank_weight,
               "recall@1": chosen["recall@1"], "p95_ms": chosen["latency_ms"]["p95"], "budget_ms": budget,
               "margin": args.margin, "split": args.split, "queries": len(queries), "latency_queries": len(timed),
-              "gain_over_depth_0": gain}
+              "gain_over_depth_0": gain,
+              **provenance("tuning.sweep", argv, {k: getattr(record.serving, k) for k in ("depth", "variant",
+                                                                                        "rerank_weight")})}
     atomic_write_json(out / "sweep.json", {"rows": rows, "choice": choice, "dataset": dataset.describe(),
                                            "environment": environment()})
     plot(rows, budget, args.margin, out / "sweep.png", chosen)

@@ -1,0 +1,48 @@
+"""The soak's bookkeeping: windows, memory drift and tail drift against their targets, answers compared."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from irbase.search import Result
+from tests.conftest import QUERIES, build_tiny_run
+
+
+class Scripted:
+    """Answers instantly; fails on one query, so a failure is counted rather than fatal."""
+
+    def search(self, query: str, k: int) -> list[Result]:
+        if query == "fail":
+            raise ValueError("refused")
+        return [Result(query, "", 1.0)]
+
+
+def test_windows_report_memory_and_tail_drift_and_count_failures():
+    from benchmarks.soak import run_windows
+
+    steady = itertools.count()
+    result = run_windows(Scripted(), ["a"] * 30, clients=2, window=10, rss=lambda: 100 * 2**20 + next(steady))
+    assert [w["queries"] for w in result["windows"]] == [10, 10, 10]
+    assert result["errors"] == 0 and abs(result["rss_drift"]) < 1e-6 and result["window"] == 10
+    growing = iter([100, 103, 106])  # +6% by the last window: over the 5% target
+    leaky = run_windows(Scripted(), ["a"] * 30, clients=1, window=10, rss=lambda: next(growing) * 2**20)
+    assert leaky["rss_drift"] == pytest.approx(0.06) and not leaky["met"]
+    failing = run_windows(Scripted(), ["a", "fail"] * 5, clients=1, window=5, rss=lambda: 2**20)
+    assert failing["errors"] == 5 and not failing["met"] and "refused" in failing["first_errors"][0]
+
+
+def test_a_soaked_retriever_answers_as_a_fresh_one(tmp_path, tiny_decoder, tiny_encoder):
+    from benchmarks.soak import run_windows, same_answers
+    from pipeline import Retriever
+
+    run = build_tiny_run(tmp_path, tiny_decoder, tiny_encoder)
+    soaked = Retriever(run, latency_budget_ms=60_000)
+    texts = list(QUERIES.values())
+    result = run_windows(soaked, texts * 10, clients=2, window=len(texts) * 2, rss=lambda: 2**30)
+    assert result["errors"] == 0 and len(result["windows"]) == 5
+    assert all(w["latency_ms"]["p95"] > 0 for w in result["windows"])
+    answers = same_answers(soaked, Retriever(run, latency_budget_ms=60_000), texts)
+    assert answers == {"queries": len(texts), "equal": len(texts), "fraction": 1.0, "first_mismatches": []}
+    other = Retriever(run, depth=0)  # no reranking: another ranking, which the comparison must notice
+    assert same_answers(soaked, other, texts)["equal"] < len(texts)
