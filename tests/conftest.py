@@ -130,3 +130,19 @@ def build_tiny_run(root: Path, tiny_decoder: Path, tiny_encoder: Path) -> Path:
               index=asdict(IndexConfig(kind="hnsw", m=8, ef_construction=16, ef_search=16, gpu=False))).save(run)
     Retriever(run, depth=0).embed_and_store_corpus(collection)
     return run
+
+
+@pytest.fixture(scope="session")
+def built_tiny_run(tmp_path_factory, tiny_decoder, tiny_encoder) -> Path:
+    """One tiny run for the whole session (building one takes ~20 s); modules take copies (`copy_tiny_run`)."""
+    return build_tiny_run(tmp_path_factory.mktemp("tiny-run"), tiny_decoder, tiny_encoder)
+
+
+def copy_tiny_run(run: Path, root: Path) -> Path:
+    """A private copy of a tiny run and its data folder under `root`; returns the run directory. Its record
+    still names the original collection file, which holds the same bytes."""
+    import shutil
+
+    shutil.copytree(run.parent / "data", root / "data")
+    shutil.copytree(run, root / "run")
+    return root / "run"

@@ -5,7 +5,6 @@ test_pipeline.py's test_sweep_offline_rankings_are_what_the_retriever_serves.)""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from irbase.components import FirstStage, Query, Registry
-from tests.conftest import PASSAGES, QRELS, QUERIES, build_tiny_run, write_tsv
+from tests.conftest import PASSAGES, QRELS, QUERIES, copy_tiny_run, write_tsv
 
 
 class WordOverlap(FirstStage):
@@ -48,14 +47,8 @@ class ShortestFirst:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_decoder, tiny_encoder) -> Path:
-    return build_tiny_run(tmp_path_factory.mktemp("components"), tiny_decoder, tiny_encoder)
-
-
-def _copy(run: Path, tmp: Path) -> Path:
-    shutil.copytree(run.parent / "data", tmp / "data")
-    shutil.copytree(run, tmp / "run")  # the record names the collection by absolute path: same bytes, found
-    return tmp / "run"
+def tiny_run(tmp_path_factory, built_tiny_run) -> Path:
+    return copy_tiny_run(built_tiny_run, tmp_path_factory.mktemp("components"))
 
 
 @pytest.fixture
@@ -64,7 +57,7 @@ def toy_run(tiny_run, tmp_path):
     from pipeline.first_stages import FIRST_STAGES
     from pipeline.rerankers import RERANKERS
 
-    run = _copy(tiny_run, tmp_path / "toy")
+    run = copy_tiny_run(tiny_run, tmp_path / "toy")
     FIRST_STAGES.register("toy-overlap", WordOverlap)
     RERANKERS.register("toy-short", lambda context, variant: ShortestFirst())
     record = RunRecord.load(run)
@@ -115,7 +108,7 @@ def test_an_unknown_first_stage_in_the_run_is_refused_by_name(tiny_run, tmp_path
     from pipeline import Retriever
     from pipeline.config import RunRecord
 
-    run = _copy(tiny_run, tmp_path)
+    run = copy_tiny_run(tiny_run, tmp_path)
     record = RunRecord.load(run)
     record.serving.first_stage = "splade"
     record.save(run)

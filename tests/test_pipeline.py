@@ -18,7 +18,7 @@ import pytest
 
 from irbase.artifacts import ArtifactError, model_fingerprint
 from irbase.lm import BaseLMConfig
-from tests.conftest import PASSAGES, QUERIES, build_tiny_run, write_tsv
+from tests.conftest import PASSAGES, QUERIES, copy_tiny_run, write_tsv
 
 from biencoder.encode import EncodeConfig
 from biencoder.index import IndexConfig
@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_decoder, tiny_encoder) -> Path:
-    return build_tiny_run(tmp_path_factory.mktemp("run"), tiny_decoder, tiny_encoder)
+def tiny_run(tmp_path_factory, built_tiny_run) -> Path:
+    return copy_tiny_run(built_tiny_run, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,15 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from pipeline import Retriever  # noqa: E402
 from pipeline.serve import ServeConfig, create_app  # noqa: E402
-from tests.conftest import PASSAGES, QUERIES, build_tiny_run  # noqa: E402
+from tests.conftest import PASSAGES, QUERIES, copy_tiny_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = ServeConfig(max_k=20, max_depth=6, max_query_chars=200, max_batch=3, max_body_bytes=2048, warmup=0)
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_decoder, tiny_encoder) -> Path:
-    return build_tiny_run(tmp_path_factory.mktemp("serve"), tiny_decoder, tiny_encoder)
+def tiny_run(tmp_path_factory, built_tiny_run) -> Path:
+    return copy_tiny_run(built_tiny_run, tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import itertools
 import pytest
 
 from irbase.search import Result
-from tests.conftest import QUERIES, build_tiny_run
+from tests.conftest import QUERIES, copy_tiny_run
 
 
 class Scripted:
@@ -32,11 +32,11 @@ def test_windows_report_memory_and_tail_drift_and_count_failures():
     assert failing["errors"] == 5 and not failing["met"] and "refused" in failing["first_errors"][0]
 
 
-def test_a_soaked_retriever_answers_as_a_fresh_one(tmp_path, tiny_decoder, tiny_encoder):
+def test_a_soaked_retriever_answers_as_a_fresh_one(tmp_path, built_tiny_run):
     from benchmarks.soak import run_windows, same_answers
     from pipeline import Retriever
 
-    run = build_tiny_run(tmp_path, tiny_decoder, tiny_encoder)
+    run = copy_tiny_run(built_tiny_run, tmp_path)
     soaked = Retriever(run, latency_budget_ms=60_000)
     texts = list(QUERIES.values())
     result = run_windows(soaked, texts * 10, clients=2, window=len(texts) * 2, rss=lambda: 2**30)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from irbase.artifacts import CHECKSUM, MANIFEST, ArtifactError
-from tests.conftest import QUERIES, build_tiny_run
+from tests.conftest import QUERIES, copy_tiny_run
 
 from biencoder.encode import iter_shards
 from biencoder.index import DenseIndex, IndexConfig
@@ -58,8 +58,8 @@ TAMPERS: dict[str, Callable[[Path], None]] = {"truncate": truncate, "flip": flip
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_decoder, tiny_encoder) -> Path:
-    return build_tiny_run(tmp_path_factory.mktemp("run"), tiny_decoder, tiny_encoder)
+def tiny_run(tmp_path_factory, built_tiny_run) -> Path:
+    return copy_tiny_run(built_tiny_run, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture
