@@ -6,11 +6,6 @@ EXTRA  ?= cpu
 CONFIG ?= configs/mini.yaml
 PY     := $(VENV)/bin/python
 
-RUN_DIR ?= runs/mini
-# Round 2: continue from round 1 on negatives mined by round 1's model.
-R2 := biencoder.name=biencoder-r2 biencoder.init_from=$(RUN_DIR)/biencoder/model \
-      'biencoder.negatives.files=["{run_dir}/negatives.biencoder.tsv","{data_root}/negatives.train.tsv"]'
-
 .PHONY: install run bm25 test clean-runs biencoder biencoder-r2 untrained reference report
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
@@ -29,19 +24,13 @@ bm25: $(VENV)/.installed                      # the plain index (the expanded on
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
-$(RUN_DIR)/negatives.bm25.tsv: $(VENV)/.installed
-	$(PY) -m irbase.bm25 mine --config $(CONFIG) bm25.expansion=null
-
-biencoder: $(RUN_DIR)/negatives.bm25.tsv   # round 1: BM25 negatives (about 55 min on 2 cores)
-	$(PY) -m biencoder.train --config $(CONFIG)
+biencoder: $(VENV)/.installed      # round 1 on BM25 negatives (about 60 min on 2 cores), then its dev eval
+	$(PY) -m pipeline.build --config $(CONFIG) --upto biencoder
 	$(PY) -m biencoder.index --config $(CONFIG)
 	$(PY) -m benchmarks.run --config $(CONFIG) --system biencoder
 
-biencoder-r2:                                # round 2: the round-1 model's own mined negatives
-	$(PY) -m biencoder.mine --config $(CONFIG)
-	$(PY) -m biencoder.train --config $(CONFIG) $(R2)
-	$(PY) -m biencoder.index --config $(CONFIG) $(R2)
-	$(PY) -m benchmarks.run --config $(CONFIG) --system biencoder $(R2)
+biencoder-r2: $(VENV)/.installed   # round 2 (configs: build.round2) on round 1's own mined negatives
+	$(PY) -m pipeline.build --config $(CONFIG) --upto biencoder-r2
 
 untrained:                                   # the base LM as it is, mean pooling: the floor
 	$(PY) -m biencoder.train --config $(CONFIG) biencoder.name=untrained biencoder.train.max_steps=0

@@ -29,15 +29,16 @@ from typing import Sequence
 
 from irbase.artifacts import atomic_path, atomic_write_json, atomic_write_text, environment
 from irbase.config import add_config_args, load_section
-from irbase.dataset import add_dataset_args, dataset_from_args
+from irbase.dataset import Dataset, add_dataset_args, dataset_from_args
 from irbase.runconfig import DataConfig, RunConfig
+from irbase.search import Searcher
 
 from benchmarks.harness import BenchmarkConfig, BenchmarkResult, run_benchmark, select_queries
 from benchmarks.load import load_table, load_test
 from benchmarks.regression import check, expected_scores, render as render_checks
-from benchmarks.stats import bootstrap_interval, paired_test, per_query_values
+from benchmarks.stats import Interval, PairedTest, bootstrap_interval, paired_test, per_query_values
 from benchmarks.systems import bm25_reranked, make_system
-from pipeline.config import RunRecord
+from pipeline.config import RunRecord, ServingConfig
 
 SYSTEMS = ("bm25", "bm25-expanded", "untrained", "biencoder", "hybrid-rrf", "hybrid", "bm25+reranker", "pipeline", "reference")
 TESTED = ("recall@1", "mrr@10")
@@ -73,7 +74,7 @@ def interval_cell(iv) -> str:
     return f"{iv.mean:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
@@ -86,18 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="output directory")
     add_config_args(parser)
     add_dataset_args(parser, split=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return parser
 
-    run = load_section(args.config, "run", RunConfig, args.overrides)
-    data = load_section(args.config, "data", DataConfig, args.overrides)
-    bench = load_section(args.config, "benchmark", BenchmarkConfig, args.overrides)
-    bench.queries = args.sample if args.sample is not None else bench.queries
-    args.split = args.split or data.dev_split
-    dataset = dataset_from_args(args, default_root=data.root)
-    run_dir = Path(run.dir)
-    serving = RunRecord.load(run_dir).serving
 
+def run_systems(args: argparse.Namespace, dataset: Dataset, bench: BenchmarkConfig, run_dir: Path,
+                serving: ServingConfig) -> tuple[dict[str, BenchmarkResult], dict[str, str], dict[str, dict],
+                                                 dict[str, Searcher]]:
+    """Benchmark each system in turn: (results, skipped with why, configs, the pipeline's searcher kept for
+    the load test); every other searcher is dropped before the next one is built."""
     results: dict[str, BenchmarkResult] = {}
     skipped: dict[str, str] = {}
     configs: dict[str, dict] = {}
@@ -119,18 +116,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             searchers[name] = searcher
         else:
             del searcher
+    return results, skipped, configs, searchers
 
-    qids = [qid for qid, _ in select_queries(dataset, bench.queries, bench.seed)]
-    intervals = {name: {m: bootstrap_interval(per_query_values(r.evaluation.per_query, m, qids), args.resamples,
-                                              bench.seed) for m in TESTED} for name, r in results.items()}
+
+def paired_tests(results: dict[str, BenchmarkResult], qids: list[str], seed: int) -> dict[str, dict[str, PairedTest]]:
+    """Each system against the pipeline over the same queries; none when the pipeline was not run."""
     tests = {}
     if "pipeline" in results:
         for name, r in results.items():
             if name == "pipeline":
                 continue
             tests[name] = {m: paired_test(per_query_values(results["pipeline"].evaluation.per_query, m, qids),
-                                          per_query_values(r.evaluation.per_query, m, qids), seed=bench.seed)
+                                          per_query_values(r.evaluation.per_query, m, qids), seed=seed)
                            for m in TESTED}
+    return tests
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    run = load_section(args.config, "run", RunConfig, args.overrides)
+    data = load_section(args.config, "data", DataConfig, args.overrides)
+    bench = load_section(args.config, "benchmark", BenchmarkConfig, args.overrides)
+    bench.queries = args.sample if args.sample is not None else bench.queries
+    args.split = args.split or data.dev_split
+    dataset = dataset_from_args(args, default_root=data.root)
+    run_dir = Path(run.dir)
+    serving = RunRecord.load(run_dir).serving
+
+    results, skipped, configs, searchers = run_systems(args, dataset, bench, run_dir, serving)
+    qids = [qid for qid, _ in select_queries(dataset, bench.queries, bench.seed)]
+    intervals = {name: {m: bootstrap_interval(per_query_values(r.evaluation.per_query, m, qids), args.resamples,
+                                              bench.seed) for m in TESTED} for name, r in results.items()}
+    tests = paired_tests(results, qids, bench.seed)
     load_rows = []
     if args.concurrency and "pipeline" in searchers:
         queries = select_queries(dataset, args.load_queries, bench.seed)
@@ -138,8 +157,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                min_relevance=bench.min_relevance) for c in args.concurrency]
 
     out = Path(args.out or run_dir / "benchmarks" / f"compare-{args.split}")
-    out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.compare " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return write_outputs(out, command, args.split, dataset, bench, serving, results, skipped, configs, intervals,
+                         tests, load_rows)
+
+
+def write_outputs(out: Path, command: str, split: str, dataset: Dataset, bench: BenchmarkConfig,
+                  serving: ServingConfig, results: dict[str, BenchmarkResult], skipped: dict[str, str],
+                  configs: dict[str, dict], intervals: dict[str, dict[str, Interval]],
+                  tests: dict[str, dict[str, PairedTest]], load_rows: list[dict]) -> int:
+    """results.json, compare.png and report.md (with the expected-score checks) into `out`, the report
+    printed; 1 when a measured score falls outside its expected tolerance."""
+    out.mkdir(parents=True, exist_ok=True)
     env = environment()
     atomic_write_json(out / "results.json", {
         "command": command, "dataset": dataset.describe(), "benchmark": bench, "environment": env,
@@ -153,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = render(dataset.describe(), results, intervals, tests, skipped, load_rows, serving, command, env)
     name = dataset.collection_path.parent.name  # expected scores hold for a dataset's own query files only
     same_dir = dataset.queries_path.parent == dataset.collection_path.parent
-    expected = expected_scores(name, args.split) if same_dir else None
+    expected = expected_scores(name, split) if same_dir else None
     checks = check({system: r.evaluation.means for system, r in results.items()}, expected or {})
     if checks:
         report += "\n" + render_checks(checks, f"benchmarks/expected/{name}.yaml") + "\n"

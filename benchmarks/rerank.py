@@ -65,7 +65,7 @@ def score_metrics(ranked: dict[str, list[str]], dataset: Dataset) -> dict[str, f
     return {m: means[m] for m in ("recall@1", "mrr@10", "ndcg@10", "recall@100") if m in means}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.rerank", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", help="default: data.dev_split")
@@ -84,7 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="CPU threads (default: all)")
     parser.add_argument("--out", help="default: <run.dir>/benchmarks/rerank-<split>")
     add_config_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     run = load_section(args.config, "run", RunConfig, args.overrides)
@@ -95,15 +99,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     queries = select_queries(dataset, args.queries, run.seed)
     candidates = {name: first_stage(name, args.config, args.overrides, dataset, queries, args.depth)
                   for name in args.first}
+    rows, latency, fused = rerank_all(args, Path(run.dir), serving, dataset, queries, candidates)
+
+    print_tables(split, len(queries), args.depth, args.latency_queries, serving.fusion_k, rows, fused, latency)
+    out = Path(args.out or Path(run.dir) / "benchmarks" / f"rerank-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "rerank.json", {
+        "command": "python -m benchmarks.rerank " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "split": split, "queries": len(queries), "depth": args.depth, "rows": rows, "fusion": fused,
+        "fusion_k": serving.fusion_k, "latency_ms": latency,
+        "environment": environment()})
+    print(f"wrote {out / 'rerank.json'}")
+    return 0
+
+
+def rerank_all(args: argparse.Namespace, run_dir: Path, serving: ServingConfig, dataset: Dataset,
+               queries: list[tuple[str, str]], candidates: dict[str, dict[str, list[str]]]
+               ) -> tuple[list[dict], dict[str, dict[str, float]], list[dict]]:
+    """(metric rows per first stage and backend, scoring latency per backend, rank-fusion rows): each backend
+    scores every query's candidates from all first stages once, then is dropped before the next is loaded."""
     texts = dict(queries)
     collection = dataset.collection
-
     fusion_depths = [d for d in (args.fusion_depths or [args.depth]) if d <= args.depth]
     rows, latency, fused = [], {}, []
     for name in args.first:
         rows.append({"first_stage": name, "backend": "none", **score_metrics(candidates[name], dataset)})
     for backend in args.backends:
-        scorer = make_scorer(backend, Path(run.dir), serving, args.threads)
+        scorer = make_scorer(backend, run_dir, serving, args.threads)
         cache: dict[tuple[str, str], float] = {}
         for qid, _ in tqdm(queries, desc=f"scoring with {backend}", unit="q"):
             pids = sorted({p for name in args.first for p in candidates[name][qid]})
@@ -121,15 +143,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             latency[backend] = time_scoring(scorer, queries[: args.latency_queries], candidates[args.first[0]],
                                             texts, collection, sizes)
         del scorer
+    return rows, latency, fused
 
-    print(f"\n{split}: {len(queries)} queries, top-{args.depth} reranked")
+
+def print_tables(split: str, num_queries: int, depth: int, latency_queries: int, fusion_k: int, rows: list[dict],
+                 fused: list[dict], latency: dict[str, dict[str, float]]) -> None:
+    """The metric table, the rank-fusion tables when any were evaluated and the latency table, as markdown."""
+    print(f"\n{split}: {num_queries} queries, top-{depth} reranked")
     print("| first stage | reranker | recall@1 | MRR@10 | nDCG@10 | recall@100 |\n|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['first_stage']} | {r['backend']} | {r['recall@1']:.3f} | {r['mrr@10']:.3f} | "
               f"{r['ndcg@10']:.3f} | {r.get('recall@100', float('nan')):.3f} |")
     for metric in ("recall@1", "mrr@10") if fused else ():
         print(f"\n{metric} of the served order: first stage's top d reranked, fused with the first stage's ranks "
-              f"(k {serving.fusion_k}) at each reranker weight (None: reranker order alone)")
+              f"(k {fusion_k}) at each reranker weight (None: reranker order alone)")
         weights = list(fused[0]["weights"])
         first_alone = {r["first_stage"]: r[metric] for r in rows if r["backend"] == "none"}
         print("| first stage | reranker | d | first stage alone | " + " | ".join(f"w {w}" for w in weights)
@@ -139,21 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + " | ".join(f"{r['weights'][w][metric]:.3f}" for w in weights) + " |")
     for backend, sizes in latency.items():
         if backend == next(iter(latency)):
-            print(f"\nscoring one query's candidates, median ms over {args.latency_queries} queries (pairs/s at "
+            print(f"\nscoring one query's candidates, median ms over {latency_queries} queries (pairs/s at "
                   "the largest size)\n| backend | " + " | ".join(f"{n} cand." for n in sizes) + " | pairs/s |\n|---|"
                   + "---:|" * (len(sizes) + 1))
         largest = list(sizes)[-1]
         print(f"| {backend} | " + " | ".join(f"{ms:.0f}" for ms in sizes.values())
               + f" | {int(largest) / sizes[largest] * 1000:.0f} |")
-    out = Path(args.out or Path(run.dir) / "benchmarks" / f"rerank-{split}")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "rerank.json", {
-        "command": "python -m benchmarks.rerank " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "split": split, "queries": len(queries), "depth": args.depth, "rows": rows, "fusion": fused,
-        "fusion_k": serving.fusion_k, "latency_ms": latency,
-        "environment": environment()})
-    print(f"wrote {out / 'rerank.json'}")
-    return 0
 
 
 def fuse(candidates: dict[str, list[str]], scores: dict[tuple[str, str], float], depth: int, k: int,

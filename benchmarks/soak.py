@@ -14,7 +14,6 @@ the same. Exits 1 when a target is missed or a query failed. Writes soak.json an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

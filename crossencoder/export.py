@@ -184,6 +184,22 @@ def _files(directory: Path) -> list[str]:
     return [f.name for f in directory.iterdir() if f.is_file() and f.name != EXPORT_FILE]
 
 
+def _write_variant(exported: CrossEncoder, fp32: Path, path: Path, variant: str, config: ExportConfig) -> list[str]:
+    """One variant's model.onnx from the fp32 graph; returns the nodes an int8 graph keeps in fp32."""
+    if variant == "fp32":
+        path.write_bytes(fp32.read_bytes())
+        return []
+    if variant == "int8":
+        kept_fp32 = head_nodes(fp32)
+        if config.int8_ffn_down_fp32:
+            shape = exported.backbone.config
+            kept_fp32 += ffn_down_nodes(fp32, shape.intermediate_size, shape.hidden_size)
+        quantize_int8(fp32, path, kept_fp32, config.int8_per_channel)
+        return kept_fp32
+    convert_fp16(fp32, path)
+    return []
+
+
 def export_variants(model: CrossEncoder, out_dir: Path, config: ExportConfig,
                     groups: Sequence[tuple[str, list[str]]], shrink: VocabShrink | None = None,
                     extra: dict | None = None) -> dict[str, dict]:
@@ -211,23 +227,13 @@ def export_variants(model: CrossEncoder, out_dir: Path, config: ExportConfig,
         for variant in config.variants:
             try:
                 with atomic_dir(out_dir / variant) as stage:
-                    if variant == "fp32":
-                        fp32_copy = stage / "model.onnx"
-                        fp32_copy.write_bytes(fp32.read_bytes())
-                    elif variant == "int8":
-                        kept_fp32 = head_nodes(fp32)
-                        if config.int8_ffn_down_fp32:
-                            shape = exported.backbone.config
-                            kept_fp32 += ffn_down_nodes(fp32, shape.intermediate_size, shape.hidden_size)
-                        quantize_int8(fp32, stage / "model.onnx", kept_fp32, config.int8_per_channel)
-                    else:
-                        convert_fp16(fp32, stage / "model.onnx")
+                    kept_fp32 = _write_variant(exported, fp32, stage / "model.onnx", variant, config)
                     exported.pairs.save(stage)
                     runtime = OnnxReranker(stage, check_manifest=False)
                     report = parity(reference, [runtime.score(q, ps) for q, ps in groups])
                     tol = config.tolerance[variant]
                     report.update(variant=variant, provider=runtime.provider, tolerance=asdict(tol),
-                                  fp32_nodes=kept_fp32 if variant == "int8" else [],
+                                  fp32_nodes=kept_fp32,
                                   held_pairs=sum(len(ps) for _, ps in groups), export_seconds=export_seconds,
                                   size_mb=(stage / "model.onnx").stat().st_size / 2 ** 20)
                     if not within(report, tol):

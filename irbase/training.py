@@ -172,8 +172,6 @@ class Trainer:
         dist.barrier()
 
     def train(self) -> torch.nn.Module:
-        import deepspeed
-
         cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -188,20 +186,8 @@ class Trainer:
         run_record = to_jsonable({"train": cfg, "world_size": world, "total_steps": total,
                                   "precision": precision(ds), **self.run_info})
         latest = self._latest()
-        recorded = self.output_dir / "train_config.json"
-        if latest and recorded.is_file():  # checked before DeepSpeed builds anything
-            changes = config_changes(json.loads(recorded.read_text()), run_record)
-            if changes:  # resuming would splice two recipes (e.g. a new max_steps re-stretches the LR schedule)
-                raise ResumeRefused(f"{self.checkpoints} holds checkpoints of another config "
-                                    f"({'; '.join(changes)}): restore that config to resume, or move "
-                                    f"{self.output_dir} away (or choose another run name) to train afresh")
-        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.learning_rate), lr=cfg.learning_rate,
-                                      weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, linear_schedule(max(total, 1), int(cfg.warmup_ratio * total)))
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-
+        self._refuse_another_recipe(latest, run_record)  # before DeepSpeed builds anything
+        engine, scheduler = self._engine(ds, total)
         per_micro = cfg.batch_size * world
         per_epoch = micro_per_epoch * per_micro
         state = {"global_step": 0, "epoch": cfg.data_offset // per_epoch,
@@ -210,16 +196,44 @@ class Trainer:
             _, client = engine.load_checkpoint(str(self.checkpoints), tag=latest["tag"])
             state.update({k: client[k] for k in state})
             log.info("resumed from %s (step %d of %d)", latest["tag"], state["global_step"], total)
+        log_path = self.output_dir / "train_log.jsonl"
         if rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(recorded, run_record)
-        log_path = self.output_dir / "train_log.jsonl"
-        if rank == 0 and log_path.is_file():  # drop what was logged after the checkpoint we resume from
-            kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
-                    if json.loads(line)["step"] <= state["global_step"]]
-            atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+            atomic_write_json(self.output_dir / "train_config.json", run_record)
+            _truncate_log(log_path, state["global_step"])
+        self._loop(engine, scheduler, state, total, rank, world, log_path)
+        self._save(engine, state, rank)
+        self.stream_position = state["epoch"] * per_epoch + state["micro_in_epoch"] * per_micro
+        return engine.module
+
+    def _refuse_another_recipe(self, latest: dict[str, Any] | None, run_record: dict[str, Any]) -> None:
+        recorded = self.output_dir / "train_config.json"
+        if latest and recorded.is_file():
+            changes = config_changes(json.loads(recorded.read_text()), run_record)
+            if changes:  # resuming would splice two recipes (e.g. a new max_steps re-stretches the LR schedule)
+                raise ResumeRefused(f"{self.checkpoints} holds checkpoints of another config "
+                                    f"({'; '.join(changes)}): restore that config to resume, or move "
+                                    f"{self.output_dir} away (or choose another run name) to train afresh")
+
+    def _engine(self, ds: dict[str, Any], total: int):
+        """The DeepSpeed engine over torch's AdamW and a linear warmup-decay schedule."""
+        import deepspeed
+
+        cfg = self.config
+        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.learning_rate), lr=cfg.learning_rate,
+                                      weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, linear_schedule(max(total, 1), int(cfg.warmup_ratio * total)))
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+        return engine, scheduler
+
+    def _loop(self, engine, scheduler, state: dict[str, Any], total: int, rank: int, world: int,
+              log_path: Path) -> None:
+        """Optimizer steps until `total`, epoch after epoch; logs, evaluates and checkpoints on the way."""
+        cfg = self.config
         bar = tqdm(total=total, initial=state["global_step"], desc="training", unit="step", disable=rank != 0)
-        window_loss, window_n, window_start, window_examples = 0.0, 0, time.perf_counter(), 0
+        window = _LossWindow()
         engine.train()
         while state["global_step"] < total:
             for batch in self.source.batches(state["epoch"], state["micro_in_epoch"], rank, world):
@@ -230,21 +244,17 @@ class Trainer:
                 state["micros"] += 1
                 examples = int(batch.get("num_examples", cfg.batch_size)) * world
                 state["examples"] += examples
-                window_loss, window_n, window_examples = window_loss + loss.item(), window_n + 1, window_examples + examples
+                window.add(loss.item(), examples)
                 if state["micros"] % cfg.grad_accum:
                     continue  # DeepSpeed stepped the optimizer only at the accumulation boundary
                 state["global_step"] += 1
                 step = state["global_step"]
                 bar.update()
                 if step % cfg.log_every == 0 or step == total:
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": step, "epoch": state["epoch"], "loss": window_loss / window_n,
-                              "lr": scheduler.get_last_lr()[0], "examples_per_s": window_examples / elapsed,
-                              "time": time.time()}
+                    record = {"step": step, "epoch": state["epoch"], **window.flush(scheduler.get_last_lr()[0])}
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                     if rank == 0:
                         _append_jsonl(log_path, record)
-                    window_loss, window_n, window_start, window_examples = 0.0, 0, time.perf_counter(), 0
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != total and self.evaluate:
                     self._evaluate(engine, step, log_path, rank)
                 if step % cfg.save_every == 0 and step != total:
@@ -255,9 +265,6 @@ class Trainer:
                 state["epoch"] += 1
                 state["micro_in_epoch"] = 0
         bar.close()
-        self._save(engine, state, rank)
-        self.stream_position = state["epoch"] * per_epoch + state["micro_in_epoch"] * per_micro
-        return engine.module
 
     def _evaluate(self, engine, step: int, log_path: Path, rank: int) -> None:
         engine.eval()
@@ -267,6 +274,30 @@ class Trainer:
         if rank == 0:
             _append_jsonl(log_path, {"step": step, "eval": metrics, "time": time.time()})
         log.info("step %d eval: %s", step, metrics)
+
+
+class _LossWindow:
+    """Mean loss and throughput since the last log line."""
+
+    def __init__(self) -> None:
+        self.loss, self.n, self.examples, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, examples: int) -> None:
+        self.loss, self.n, self.examples = self.loss + loss, self.n + 1, self.examples + examples
+
+    def flush(self, lr: float) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        record = {"loss": self.loss / self.n, "lr": lr, "examples_per_s": self.examples / elapsed, "time": time.time()}
+        self.__init__()
+        return record
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop what was logged after the checkpoint a run resumes from."""
+    if log_path.is_file():
+        kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+                if json.loads(line)["step"] <= step]
+        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Build the whole system from a config, as named stages:
 
-    python -m pipeline.build --config configs/mini.yaml [--only STAGE ...] [--force STAGE ...] [key=value ...]
+    python -m pipeline.build --config configs/mini.yaml [--only|--upto STAGE ...] [--force STAGE ...] [key=value ...]
 
 [slice (when the config has a `slice` section: configs/smoke.yaml),] base-lm, [querygen (the query
 generator), generate (its queries for every passage), filter (when the config has a `querygen` section),]
@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 from irbase.artifacts import atomic_write_json, model_fingerprint, to_jsonable
 from irbase.bm25 import BM25Config
-from irbase.config import add_config_args, load_section, load_yaml
+from irbase.config import ConfigError, add_config_args, load_section, load_yaml
 from irbase.dataset import Dataset
 from irbase.runconfig import DataConfig, RunConfig, fill_path
 
@@ -38,15 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class BuildConfig:
-    round2: list[str] = field(default_factory=lambda: [     # overrides that turn biencoder into round 2
-        "biencoder.name=biencoder-r2", "biencoder.init_from={run_dir}/biencoder/model",
-        'biencoder.negatives.files=["{run_dir}/negatives.biencoder.tsv","{data_root}/negatives.train.tsv"]'])
-    benchmark_split: str = "dev"
-    fusion: list[str] = field(default_factory=lambda: [      # arguments of python -m tuning.fusion: the
-        "--split", "dev-large", "--sample", "1000", "--depth", "0"])  # first stage's BM25 weight
-    sweep: list[str] = field(default_factory=lambda: [       # arguments of python -m tuning.sweep: depth,
-        "--split", "dev-large", "--sample", "1000", "--latency-sample", "100",  # variant and reranker weight
-        "--depths", "0", "5", "10", "20", "30", "50", "--variants", "int8", "fp32"])
+    """The recipe's `build` section; every field lives in the YAML (configs/mini.yaml), none here."""
+    round2: list[str]          # overrides that turn biencoder into round 2 (its name, start, negatives)
+    benchmark_split: str       # the split the final benchmark reports on
+    fusion: list[str]          # arguments of python -m tuning.fusion: the first stage's BM25 weight
+    sweep: list[str]           # arguments of python -m tuning.sweep: depth, variant and reranker weight
 
 
 @dataclass
@@ -74,7 +70,9 @@ class Builder:
         self.build = load_section(config_path, "build", BuildConfig, self.overrides)
         self.run_dir = Path(self.run.dir)
         self.r2 = [o.format(run_dir=self.run.dir, data_root="{data_root}") for o in self.build.round2]
-        self.r2_name = next((o.split("=", 1)[1] for o in self.r2 if o.startswith("biencoder.name=")), "biencoder-r2")
+        self.r2_name = next((o.split("=", 1)[1] for o in self.r2 if o.startswith("biencoder.name=")), None)
+        if self.r2_name is None:
+            raise ConfigError(f"{config_path}:build.round2 must name the round-2 model (biencoder.name=...)")
         slice_ = [Stage("slice", ["slice", "data"], [], self.cli("irbase.slice"))] if "slice" in self.raw else []
         synthetic = self._synthetic_stages()
         self.stages = [*slice_, *self._model_stages(synthetic), *self._serving_stages(bool(synthetic))]
@@ -215,6 +213,18 @@ class Builder:
         retriever.embed_and_store_corpus(dev.collection_path, embeddings_dir=self.run_dir / serving.biencoder
                                          / "embeddings")
 
+    def with_needs(self, names: Sequence[str]) -> list[str]:
+        """`names` and every stage they read from, transitively: what `--upto` runs."""
+        by_name, chosen, todo = {s.name: s for s in self.stages}, set(), list(names)
+        while todo:
+            name = todo.pop()
+            if name not in by_name:
+                raise SystemExit(f"unknown stage {name!r}; stages: {', '.join(by_name)}")
+            if name not in chosen:
+                chosen.add(name)
+                todo.extend(by_name[name].needs)
+        return [s.name for s in self.stages if s.name in chosen]
+
     def run_all(self, only: Sequence[str] = (), force: Sequence[str] = ()) -> list[dict]:
         known = [s.name for s in self.stages]
         for name in [*only, *force]:
@@ -274,13 +284,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", default=[], metavar="STAGE", help="run just these stages")
+    parser.add_argument("--upto", nargs="+", default=[], metavar="STAGE",
+                        help="run these stages and the stages they read from (e.g. --upto biencoder-r2)")
     parser.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="run these even if up to date")
     add_config_args(parser)
     args = parser.parse_args(argv)
     if not args.config:
         parser.error("--config is required (e.g. configs/mini.yaml, or configs/smoke.yaml to try it in minutes)")
     builder = Builder(args.config, args.overrides)
-    summary = builder.run_all(args.only, args.force)
+    only = [*args.only, *builder.with_needs(args.upto)] if args.upto else args.only
+    summary = builder.run_all(only, args.force)
     print_summary(summary, builder.run_dir, builder.build.benchmark_split)
     return 0
 

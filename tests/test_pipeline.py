@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from itertools import product
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,18 +16,17 @@ import numpy as np
 import pytest
 
 from irbase.artifacts import ArtifactError, model_fingerprint
+from irbase.config import load_yaml
 from irbase.lm import BaseLMConfig
 from tests.conftest import PASSAGES, QUERIES, copy_tiny_run, write_tsv
 
-from biencoder.encode import EncodeConfig
-from biencoder.index import IndexConfig
 from biencoder.model import BiEncoder, BiEncoderConfig
-from crossencoder.export import EXPORT_FILE, ExportConfig, export_variants
-from crossencoder.model import CrossEncoder, CrossEncoderConfig
+from crossencoder.export import EXPORT_FILE
+from crossencoder.model import CrossEncoder
 from crossencoder.runtime import OnnxReranker
 from pipeline import Result, Retriever
 from pipeline.budget import DeadlineLock, PairCost
-from pipeline.config import RunRecord, ServingConfig
+from pipeline.config import RunRecord
 from irbase.fusion import linear_fusion, reciprocal_rank_fusion, rerank_by_score, rerank_order
 
 REPO = Path(__file__).resolve().parents[1]
@@ -458,12 +456,20 @@ def test_search_cli(tiny_run, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     payload = json.loads(out.stdout)
     assert len(payload["results"]) == 3 and set(payload["timings_ms"]) >= {"encode", "ann", "fetch", "rerank"}
-    assert _cli("  ", run=tiny_run).returncode == 2
-    assert _cli("ok", "-k", "0", run=tiny_run).returncode == 2
-    missing = _cli("ok", run=tmp_path / "absent")
-    assert missing.returncode == 1 and "python -m pipeline.build" in missing.stderr
     text = _cli("do goldfish grow", "-k", "2", "--depth", "0", run=tiny_run)
     assert text.returncode == 0 and "1." in text.stdout and "ms: encode" in text.stdout and ", bm25 " in text.stdout and ", fusion " in text.stdout
+
+
+def test_search_cli_refusals(tiny_run, tmp_path, capsys):
+    """In-process: the same main() the subprocess runs above, without paying an interpreter per refusal."""
+    from pipeline.search import main
+
+    assert main(["  ", "--run", str(tiny_run)]) == 2 and "the query is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["ok", "-k", "0", "--run", str(tiny_run)])
+    assert refused.value.code == 2 and "-k must be positive, got 0" in capsys.readouterr().err
+    assert main(["ok", "--run", str(tmp_path / "absent")]) == 1
+    assert "python -m pipeline.build" in capsys.readouterr().err
 
 
 def test_sweep_choice_respects_the_budget_margin():
@@ -707,6 +713,25 @@ def test_a_changed_setting_reruns_only_the_stages_downstream_of_it():
                                               'biencoder.synthetic.qrels="{run_dir}/r.tsv"'])
     needs = {s.name: s.needs for s in synthetic.stages}
     assert needs["synthetic-negatives"] == ["filter"] and "synthetic-negatives" in needs["biencoder-r2"]
+    # --upto runs a stage with what it reads and nothing else: round 2 needs no query generator
+    assert Builder("configs/mini.yaml", []).with_needs(["biencoder-r2"]) == [
+        "base-lm", "bm25-negatives", "biencoder", "mine", "biencoder-r2"]
+    assert synthetic.with_needs(["biencoder"]) == [
+        "base-lm", "querygen", "generate", "filter", "bm25-negatives", "synthetic-negatives", "biencoder"]
+    with pytest.raises(SystemExit, match="unknown stage 'biencoder-r3'"):
+        synthetic.with_needs(["biencoder-r3"])
+
+
+def test_the_build_section_has_no_defaults_in_code(tmp_path):
+    from irbase.config import ConfigError
+    from pipeline.build import Builder
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"extends: {Path('configs/mini.yaml').resolve()}\nbuild: null\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:build: missing key\(s\) round2, benchmark_split, fusion, sweep"):
+        Builder(str(config), [])
+    with pytest.raises(ConfigError, match=r"build\.round2 must name the round-2 model"):
+        Builder("configs/mini.yaml", ['build.round2=["biencoder.init_from=x"]'])
 
 
 def test_build_stage_order_and_the_corpus_stage_serves_the_recipe_not_an_older_fit(tmp_path, tiny_run, monkeypatch):
@@ -715,7 +740,9 @@ def test_build_stage_order_and_the_corpus_stage_serves_the_recipe_not_an_older_f
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     config = tmp_path / "config.yaml"
-    config.write_text(f"run: {{dir: {run}}}\npipeline: {{depth: 3, variant: fp32, rerank_weight: 0.5}}\n")
+    build = json.dumps(load_yaml("configs/mini.yaml")["build"])  # the one section the build cannot do without
+    config.write_text(f"run: {{dir: {run}}}\npipeline: {{depth: 3, variant: fp32, rerank_weight: 0.5}}\n"
+                      f"build: {build}\n")
     builder = Builder(str(config), [])
     names = [s.name for s in builder.stages]
     assert names[names.index("biencoder-r2"):] == ["biencoder-r2", "crossencoder", "export", "corpus", "fusion",
@@ -742,7 +769,7 @@ def test_build_stage_order_and_the_corpus_stage_serves_the_recipe_not_an_older_f
     write_tsv(data / "queries.dev.tsv", QUERIES.items())
     write_tsv(data / "qrels.dev.tsv", [("q1", 0, "p1", 1)])
     config.write_text(f"run: {{dir: {run}}}\ndata: {{root: {data}}}\npipeline: {{biencoder: bi, crossencoder: ce, "
-                      "depth: 3, variant: fp32, rerank_weight: 0.5}\n")
+                      f"depth: 3, variant: fp32, rerank_weight: 0.5}}\nbuild: {build}\n")
     Builder(str(config), [])._corpus()
     after = RunRecord.load(run)
     assert (after.serving.depth, after.serving.variant, after.serving.rerank_weight, after.sweep) == (3, "fp32", 0.5, None)

@@ -139,23 +139,61 @@ def documented_usage(module: str) -> list[str]:
     return usage
 
 
-def _help(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args, "--help"], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=120)
+# One interpreter runs every `python -m M [sub] --help` (as __main__, with that argv): the same parse a user's
+# command does, without paying torch's import once per entry point.
+HELP_CHILD = r"""
+import contextlib, io, json, runpy, sys
+answers = []
+for argv in json.loads(sys.argv[1]):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = [argv[0], *argv[1:], "--help"]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        except BaseException as error:
+            import traceback
+            traceback.print_exc()
+            code = 1
+    answers.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(answers))
+"""
+
+
+def _helps(argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    done = subprocess.run([sys.executable, "-c", HELP_CHILD, json.dumps(argvs)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [subprocess.CompletedProcess(argv, a["returncode"], a["stdout"], a["stderr"])
+            for argv, a in zip(argvs, json.loads(done.stdout.splitlines()[-1]))]
+
+
+@pytest.fixture(scope="module")
+def helps() -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+    """--help of every entry point, then of each subcommand their --help lists."""
+    top = dict(zip(ENTRY_POINTS, _helps([[m] for m in ENTRY_POINTS])))
+    subs = [[m, sub] for m, result in top.items() for sub in _subcommands(result.stdout)]
+    return {**{(m,): r for m, r in top.items()}, **{tuple(a): r for a, r in zip(subs, _helps(subs) if subs else [])}}
+
+
+def _subcommands(help_text: str) -> list[str]:
+    found = re.search(r"^positional arguments:\n +\{([\w,-]+)\}", help_text, re.M)
+    return found.group(1).split(",") if found else []
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
-def test_entry_points_have_help(module):
+def test_entry_points_have_help(module, helps):
     """`python -m M --help` as a user types it: exit 0, the usage names M, and every option the module's
     docstring shows in its command lines is one the parser has (a documented flag that was renamed or
     dropped would make the documented command exit 2)."""
     usage = documented_usage(module)
     assert usage, f"{module}'s docstring shows no `python -m {module}` command line"
-    result = _help(module)
+    result = helps[(module,)]
     assert result.returncode == 0 and result.stderr.count("Traceback") == 0, result.stderr[-2000:]
     assert result.stdout.startswith(f"usage: python -m {module} "), result.stdout[:200]
-    subcommands = re.search(r"^positional arguments:\n +\{([\w,-]+)\}", result.stdout, re.M)
-    subcommands = subcommands.group(1).split(",") if subcommands else []
+    subcommands = _subcommands(result.stdout)
     checked = 0
     for line in usage:
         line = line.split(" #")[0]  # a shell comment beside the command
@@ -163,7 +201,7 @@ def test_entry_points_have_help(module):
         text = result.stdout
         if subcommands:  # e.g. `irbase.bm25 search --config ...`: the options are the subcommand's
             assert words and words[0] in subcommands, (line, subcommands)
-            sub = _help(module, words[0])
+            sub = helps[(module, words[0])]
             assert sub.returncode == 0 and sub.stdout.startswith(f"usage: python -m {module} {words[0]} ")
             text = sub.stdout
         for option in _OPTION.findall(line):

@@ -106,7 +106,7 @@ def fit(retriever: Retriever, queries: list[tuple[str, str]], qrels, depth: int,
             "rerank_weight": rerank_weight, "rerank_gain": gain}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tuning.fusion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="built run directory (default: run.dir of the config)")
@@ -120,6 +120,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            "the served one: an experiment, so only with --no-write")
     add_config_args(parser)
     add_dataset_args(parser, split="dev-large")
+    return parser
+
+
+def _print_fit(result: dict, retriever: Retriever, depth: int, split: str, queries: int) -> None:
+    print(f"\n{split}: {queries} queries, first stage = union of dense and BM25 top "
+          f"{retriever.serving.candidates}")
+    print(f"rank fusion (k {retriever.serving.fusion_k}, dense weight {retriever.serving.dense_weight}): "
+          f"R@1 {result['rrf']['recall@1']:.4f}  MRR@10 {result['rrf']['mrr@10']:.4f}")
+    print("| bm25_weight | R@1 | MRR@10 | R@100 |\n|---:|---:|---:|---:|")
+    for r in result["first_stage"]:
+        mark = " <- chosen" if r["bm25_weight"] == result["bm25_weight"] else ""
+        print(f"| {r['bm25_weight']} | {r['recall@1']:.4f} | {r['mrr@10']:.4f} | {r['recall@100']:.4f} |{mark}")
+    if result["rerank"]:
+        print(f"\ntop {depth} reranked ({retriever.serving.variant}): first-stage score + w x z(reranker)")
+        print("| rerank_weight | R@1 | MRR@10 |\n|---:|---:|---:|")
+        for r in result["rerank"]:
+            mark = " <- chosen" if r["rerank_weight"] == result["rerank_weight"] else ""
+            print(f"| {'none (reranker alone)' if r['rerank_weight'] is None else r['rerank_weight']} | "
+                  f"{r['recall@1']:.4f} | {r['mrr@10']:.4f} |{mark}")
+        gain = result["rerank_gain"]
+        print(f"reranking at the chosen weight minus the first stage alone, recall@1: {gain['difference']:+.4f} "
+              f"[{gain['low']:+.4f}, {gain['high']:+.4f}], p {gain['p_value']:.4f} (paired, same queries)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = load_section(args.config, "data", DataConfig, args.overrides)
@@ -139,24 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     queries = select_queries(dataset, args.sample, seed=13)
     result = fit(retriever, queries, dataset.qrels, depth, args.bm25_weights, args.rerank_weights)
 
-    print(f"\n{args.split}: {len(queries)} queries, first stage = union of dense and BM25 top "
-          f"{retriever.serving.candidates}")
-    print(f"rank fusion (k {retriever.serving.fusion_k}, dense weight {retriever.serving.dense_weight}): "
-          f"R@1 {result['rrf']['recall@1']:.4f}  MRR@10 {result['rrf']['mrr@10']:.4f}")
-    print("| bm25_weight | R@1 | MRR@10 | R@100 |\n|---:|---:|---:|---:|")
-    for r in result["first_stage"]:
-        mark = " <- chosen" if r["bm25_weight"] == result["bm25_weight"] else ""
-        print(f"| {r['bm25_weight']} | {r['recall@1']:.4f} | {r['mrr@10']:.4f} | {r['recall@100']:.4f} |{mark}")
-    if result["rerank"]:
-        print(f"\ntop {depth} reranked ({retriever.serving.variant}): first-stage score + w x z(reranker)")
-        print("| rerank_weight | R@1 | MRR@10 |\n|---:|---:|---:|")
-        for r in result["rerank"]:
-            mark = " <- chosen" if r["rerank_weight"] == result["rerank_weight"] else ""
-            print(f"| {'none (reranker alone)' if r['rerank_weight'] is None else r['rerank_weight']} | "
-                  f"{r['recall@1']:.4f} | {r['mrr@10']:.4f} |{mark}")
-        gain = result["rerank_gain"]
-        print(f"reranking at the chosen weight minus the first stage alone, recall@1: {gain['difference']:+.4f} "
-              f"[{gain['low']:+.4f}, {gain['high']:+.4f}], p {gain['p_value']:.4f} (paired, same queries)")
+    _print_fit(result, retriever, depth, args.split, len(queries))
     out = Path(args.out or run_dir / "tuning" / f"fusion-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
     choice = {"fusion": "score", "bm25_weight": result["bm25_weight"], "rerank_weight": result["rerank_weight"],

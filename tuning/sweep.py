@@ -172,7 +172,7 @@ def plot(rows: list[dict], budget_ms: float, margin: float, path: Path, chosen: 
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tuning.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="built run directory (default: run.dir of the config)")
@@ -188,6 +188,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not write the choice into the run")
     add_config_args(parser)
     add_dataset_args(parser, split=None)
+    return parser
+
+
+def _exported_variants(parser: argparse.ArgumentParser, asked: Sequence[str], onnx_dir: Path) -> list[str]:
+    """The asked variants with a checked export; the others are skipped with a warning."""
+    variants = [v for v in asked if (onnx_dir / v / "export.json").exists()]
+    for v in sorted(set(asked) - set(variants)):
+        log.warning("variant %s: no checked export in %s (refused or not exported); skipped", v, onnx_dir / v)
+    if not variants:
+        parser.error(f"--variants {' '.join(asked)}: none is exported in {onnx_dir}")
+    return variants
+
+
+def _print_table(rows: list[dict], chosen: dict, margin: float, budget: float) -> None:
+    print(f"{'variant':<8} {'depth':>5} {'weight':>6} {'R@1':>7} {'MRR@10':>7} {'R@100':>7} {'p50':>7} {'p95':>7} "
+          f"{'p99':>7} {'best-R@1 (se)':>15}")
+    for r in rows:
+        lat = r["latency_ms"]
+        mark = "  <- chosen" if (r["variant"], r["depth"]) == (chosen["variant"], chosen["depth"]) else ""
+        weight = "-" if "rerank_weight" not in r else \
+            "alone" if r["rerank_weight"] is None else f"{r['rerank_weight']:.2f}"
+        quality_cells = (f"{r['recall@1']:>7.4f} {r['mrr@10']:>7.4f} {r['recall@100']:>7.4f}" if "recall@1" in r
+                         else f"{'p95 over ' + str(round(margin * budget)) + ' ms':>23}")
+        behind = f"{r['behind_best']['difference']:+.4f} ({r['behind_best']['standard_error']:.4f})" \
+            if "behind_best" in r else ""
+        print(f"{r['variant']:<8} {r['depth']:>5} {weight:>6} {quality_cells} {lat['p50']:>7.1f} {lat['p95']:>7.1f} "
+              f"{lat['p99']:>7.1f} {behind:>15}{mark}")
+
+
+def _choice(chosen: dict, serving, args: argparse.Namespace, argv: Sequence[str] | None, budget: float,
+            queries: int, timed: int) -> dict:
+    """The tuned record: at depth 0 the variant and weight serve nothing, so the recipe's stay."""
+    reranks = chosen["depth"] > 0
+    return {"variant": chosen["variant"] if reranks else serving.variant, "depth": chosen["depth"],
+            "rerank_weight": chosen["rerank_weight"] if reranks else serving.rerank_weight,
+            "recall@1": chosen["recall@1"], "p95_ms": chosen["latency_ms"]["p95"], "budget_ms": budget,
+            "margin": args.margin, "split": args.split, "queries": queries, "latency_queries": timed,
+            "gain_over_depth_0": chosen["gain_over_depth_0"],
+            **provenance("tuning.sweep", argv, {k: getattr(serving, k) for k in ("depth", "variant",
+                                                                                 "rerank_weight")})}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = load_section(args.config, "data", DataConfig, args.overrides)
@@ -200,46 +244,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--latency-sample must be >= 1")
     record = RunRecord.load(run_dir)
     budget = record.serving.latency_budget_ms
-    onnx_dir = run_dir / record.serving.crossencoder / "onnx"
-    variants = [v for v in args.variants if (onnx_dir / v / "export.json").exists()]
-    for v in sorted(set(args.variants) - set(variants)):
-        log.warning("variant %s: no checked export in %s (refused or not exported); skipped", v, onnx_dir / v)
-    if not variants:
-        parser.error(f"--variants {' '.join(args.variants)}: none is exported in {onnx_dir}")
+    variants = _exported_variants(parser, args.variants, run_dir / record.serving.crossencoder / "onnx")
     retrievers = {v: Retriever(run_dir, variant=v, depth=max(args.depths), latency_budget_ms=float("inf"))
                   for v in variants}
     queries = select_queries(dataset, args.sample, seed=13)
     timed = queries if args.latency_sample >= len(queries) else \
         sorted(random.Random(13).sample(queries, args.latency_sample))
-    weights = [None, *args.rerank_weights]
-    rows, chosen = sweep(retrievers, queries, timed, dataset.qrels, args.depths, weights, budget, args.margin)
-
+    rows, chosen = sweep(retrievers, queries, timed, dataset.qrels, args.depths, [None, *args.rerank_weights],
+                         budget, args.margin)
     print(f"\n{args.split}: quality on {len(queries)} queries at each depth's best reranker weight, latency on "
           f"{len(timed)} of them")
-    print(f"{'variant':<8} {'depth':>5} {'weight':>6} {'R@1':>7} {'MRR@10':>7} {'R@100':>7} {'p50':>7} {'p95':>7} "
-          f"{'p99':>7} {'best-R@1 (se)':>15}")
-    for r in rows:
-        lat = r["latency_ms"]
-        mark = "  <- chosen" if (r["variant"], r["depth"]) == (chosen["variant"], chosen["depth"]) else ""
-        weight = "-" if "rerank_weight" not in r else \
-            "alone" if r["rerank_weight"] is None else f"{r['rerank_weight']:.2f}"
-        quality_cells = (f"{r['recall@1']:>7.4f} {r['mrr@10']:>7.4f} {r['recall@100']:>7.4f}" if "recall@1" in r
-                         else f"{'p95 over ' + str(round(args.margin * budget)) + ' ms':>23}")
-        behind = f"{r['behind_best']['difference']:+.4f} ({r['behind_best']['standard_error']:.4f})" \
-            if "behind_best" in r else ""
-        print(f"{r['variant']:<8} {r['depth']:>5} {weight:>6} {quality_cells} {lat['p50']:>7.1f} {lat['p95']:>7.1f} "
-              f"{lat['p99']:>7.1f} {behind:>15}{mark}")
-    gain = chosen["gain_over_depth_0"]
+    _print_table(rows, chosen, args.margin, budget)
     out = Path(args.out or run_dir / "tuning" / f"sweep-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
-    reranks = chosen["depth"] > 0
-    choice = {"variant": chosen["variant"] if reranks else record.serving.variant, "depth": chosen["depth"],
-              "rerank_weight": chosen["rerank_weight"] if reranks else record.serving.rerank_weight,
-              "recall@1": chosen["recall@1"], "p95_ms": chosen["latency_ms"]["p95"], "budget_ms": budget,
-              "margin": args.margin, "split": args.split, "queries": len(queries), "latency_queries": len(timed),
-              "gain_over_depth_0": gain,
-              **provenance("tuning.sweep", argv, {k: getattr(record.serving, k) for k in ("depth", "variant",
-                                                                                        "rerank_weight")})}
+    choice = _choice(chosen, record.serving, args, argv, budget, len(queries), len(timed))
     atomic_write_json(out / "sweep.json", {"rows": rows, "choice": choice, "dataset": dataset.describe(),
                                            "environment": environment()})
     plot(rows, budget, args.margin, out / "sweep.png", chosen)
@@ -249,9 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         record.sweep = choice
         record.save(run_dir)
     print("chosen: " + (f"{choice['variant']} depth {choice['depth']}, rerank_weight {choice['rerank_weight']}"
-                        if reranks else "depth 0 (no reranking)")
+                        if choice["depth"] > 0 else "depth 0 (no reranking)")
           + f" (recall@1 {choice['recall@1']:.4f}, p95 {choice['p95_ms']:.0f} ms <= {args.margin} x {budget:.0f} ms)"
           + ("" if args.no_write else f", written to {run_dir / 'pipeline.json'}"))
+    gain = choice["gain_over_depth_0"]
     print(f"recall@1 minus depth 0 on the same {len(queries)} queries: {gain['difference']:+.4f} "
           f"[{gain['low']:+.4f}, {gain['high']:+.4f}], p {gain['p_value']:.4f}")
     print(f"wrote {out}/sweep.json, sweep.png")
