@@ -1,6 +1,7 @@
 """Crash consistency: a writer SIGKILLed mid-write never leaves an artifact that loads half-written (the loader
 refuses it, it is absent, or the previous complete one is still there, intact), and a rerun finishes with
-what an uninterrupted run writes. Embedding shards and the HNSW index, the passage store, the BM25 index.
+what an uninterrupted run writes. Embedding shards and the HNSW index, the passage store, the BM25 index;
+and, marked slow (run them with `pytest -m slow`), the ONNX export and the query generator's shards.
 
 Each writer runs the real code in a child process; a child only waits longer at one point (each model forward,
 or just before a manifest is written) so that the kill lands at a known place, or after a seeded random delay.
@@ -11,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +23,9 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 
-from irbase.artifacts import ArtifactError
+from irbase.artifacts import ArtifactError, read_json
 from irbase.bm25 import BM25Config, BM25Index
-from tests.conftest import PASSAGES
+from tests.conftest import PASSAGES, QUERIES, write_train_dev, write_tsv
 
 from biencoder.encode import EncodeConfig, encode_collection, iter_shards
 from biencoder.index import DenseIndex, IndexConfig
@@ -240,3 +242,168 @@ def test_bm25_index_killed_midway_keeps_the_old_index_and_rebuilds_alike(tmp_pat
     rebuilt = bm25_results(BM25Index.load(out, INPUTS), queries)
     assert [[p for p, _ in r] for r in rebuilt] == [[p for p, _ in r] for r in reference]
     np.testing.assert_allclose([s for r in rebuilt for _, s in r], [s for r in reference for _, s in r], atol=1e-6)
+
+
+# The CLI stages below run as `python -m MODULE --config CONFIG` (runpy, so the exported graph names its
+# module `__main__` as the real command does); the child only waits at one atomic write, named by `pause`.
+# One hash seed for every process: Gemma 3's forward loops over a set of layer types (transformers
+# modeling_gemma3.py), so the exported graph's node order, and model.onnx's sha256, follow the hash seed.
+CLI_ENV = {**ENV, "PYTHONHASHSEED": "0"}
+CLI_CHILD = r'''
+import json, runpy, sys, time
+from pathlib import Path
+import irbase.artifacts as artifacts
+args = json.loads(open(sys.argv[1]).read())
+
+def paused(fn, when):
+    def wrapper(path, *a, **k):
+        if when(Path(path)):
+            print("pausing before", Path(path).parent.name, Path(path).name, flush=True)
+            time.sleep(args["seconds"])
+        return fn(path, *a, **k)
+    return wrapper
+
+if args["pause"] == "int8-export.json":  # the int8 variant is staged whole but for its export.json
+    artifacts.atomic_write_json = paused(artifacts.atomic_write_json,
+                                         lambda p: p.name == "export.json" and p.parent.name.startswith(".int8."))
+elif args["pause"] == "shard":  # each generated shard, before it is written
+    artifacts.atomic_write_text = paused(artifacts.atomic_write_text, lambda p: p.parent.name == "shards")
+print("ready", flush=True)
+sys.argv = [args["module"], "--config", args["config"]]
+runpy.run_module(args["module"], run_name="__main__", alter_sys=True)
+'''
+
+
+@contextlib.contextmanager
+def cli_child(tmp_path: Path, module: str, config: Path, pause: str, seconds: float) -> Iterator[subprocess.Popen]:
+    """`python -m module --config config` in a child process that waits `seconds` at `pause`."""
+    spec = tmp_path / f"{module}-{time.monotonic_ns()}.json"
+    spec.write_text(json.dumps({"module": module, "config": str(config), "pause": pause, "seconds": seconds}))
+    with open(spec.with_suffix(".err"), "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", CLI_CHILD, str(spec)], cwd=REPO, env=CLI_ENV,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", spec.with_suffix(".err").read_text()[-3000:]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(60)
+        proc.stdout.close()
+
+
+def run_cli(module: str, config: Path) -> str:
+    """The stage run to its end, uninterrupted, as a user runs it."""
+    done = subprocess.run([sys.executable, "-m", module, "--config", str(config)], cwd=REPO, env=CLI_ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def export_record(variant_dir: Path) -> dict:
+    """A variant's export.json but for what depends on when and where it ran."""
+    record = read_json(variant_dir / "export.json")
+    return {k: v for k, v in record.items() if k not in ("export_seconds", "environment")}
+
+
+@pytest.mark.slow
+def test_onnx_export_killed_midway_leaves_no_half_variant_and_reexports_alike(tmp_path, tiny_decoder):
+    import torch
+
+    from crossencoder.model import CrossEncoder, CrossEncoderConfig
+    from crossencoder.runtime import OnnxReranker
+    from irbase.lm import BaseLMConfig
+
+    groups = [(q, list(PASSAGES.values())) for q in QUERIES.values()]
+    write_train_dev(tmp_path / "data", tmp_path / "mined.tsv")
+    model = CrossEncoder.from_base(CrossEncoderConfig(base_lm=BaseLMConfig(name=str(tiny_decoder), bidirectional=True)))
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.head.weight, std=1.0)  # spread the untrained scores so rankings mean something
+    model.save(tmp_path / "run" / "crossencoder" / "model")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run: {{dir: {tmp_path / 'run'}, seed: 7}}\ndata: {{root: {tmp_path / 'data'}}}\n"
+                      "export: {variants: [fp32, int8]}\n")
+    onnx = tmp_path / "run" / "crossencoder" / "onnx"
+    # the uninterrupted export, moved aside so the killed one starts from nothing in the same run directory
+    run_cli("crossencoder.export", config)
+    reference = tmp_path / "reference"
+    onnx.rename(reference)
+    want = {v: [OnnxReranker(reference / v, threads=1, verify=True).score(q, ps) for q, ps in groups]
+            for v in ("fp32", "int8")}
+
+    # killed once fp32 is swapped in and int8 is staged (model, tokenizer, pair format) but for its export.json
+    with cli_child(tmp_path, "crossencoder.export", config, "int8-export.json", 600) as proc:
+        kill_when(proc, lambda: proc.stdout.readline().startswith("pausing before .int8."), timeout=600)
+    assert sorted(p.name for p in onnx.iterdir() if not p.name.startswith(".")) == ["fp32"]
+    fp32 = OnnxReranker(onnx / "fp32", threads=1, verify=True)  # complete: every recorded sha256 checks
+    np.testing.assert_allclose(np.concatenate([fp32.score(q, ps) for q, ps in groups]),
+                               np.concatenate(want["fp32"]), atol=1e-6)
+    assert export_record(onnx / "fp32") == export_record(reference / "fp32")
+    staged = [p for p in onnx.iterdir() if p.name.startswith(".")]
+    assert [p.name.split(".")[1] for p in staged] == ["int8"] and (staged[0] / "model.onnx").is_file()
+    with pytest.raises(FileNotFoundError, match="no export.json: an interrupted or unchecked export"):
+        OnnxReranker(staged[0], threads=1)  # the half-written variant under its temporary name is refused
+    assert not (onnx / "int8").exists()
+
+    # the rerun exports both again: byte-identical files, the same records, the same scores
+    run_cli("crossencoder.export", config)
+    for variant in ("fp32", "int8"):
+        got = OnnxReranker(onnx / variant, threads=1, verify=True)
+        np.testing.assert_allclose(np.concatenate([got.score(q, ps) for q, ps in groups]),
+                                   np.concatenate(want[variant]), atol=1e-6)
+        assert export_record(onnx / variant) == export_record(reference / variant), variant
+    for leftover in (p for p in onnx.iterdir() if p.name.startswith(".")):  # never loaded as a variant
+        with pytest.raises(FileNotFoundError, match="no export.json"):
+            OnnxReranker(leftover, threads=1)
+
+
+@pytest.mark.slow
+def test_query_generation_killed_after_a_shard_resumes_to_the_uninterrupted_files(tmp_path, tiny_decoder):
+    from irbase.lm import BaseLMConfig, load_tokenizer
+    from querygen.data import PromptEncoder, vocab_ids
+    from querygen.model import GeneratorConfig, QueryGenerator
+
+    data = tmp_path / "data"
+    write_train_dev(data, tmp_path / "mined.tsv")
+    passages = list(PASSAGES.items()) + synthetic(18)
+    write_tsv(data / "collection.tsv", passages)
+    shard_size, total = 3, 8  # 24 passages
+    generator = GeneratorConfig(base_lm=BaseLMConfig(name=str(tiny_decoder)), train_layers=1,
+                                passage_max_tokens=16, query_max_tokens=6)
+    tokenizer = load_tokenizer(str(tiny_decoder))
+    encoder = PromptEncoder(tokenizer, generator.prompt, generator.passage_max_tokens, generator.query_max_tokens)
+    vocab = vocab_ids(tokenizer, [t for _, t in passages] + list(QUERIES.values()), encoder)
+    QueryGenerator.from_base(generator, vocab).save(tmp_path / "model")
+    configs = {}
+    for name in ("reference", "killed"):
+        shutil.copytree(tmp_path / "model", tmp_path / name / "querygen" / "model")
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(f"""
+run: {{dir: {tmp_path / name}, seed: 7}}
+data: {{root: {data}}}
+querygen:
+  generate: {{sampling: {{per_passage: 2, top_k: 20, max_new_tokens: 6}}, batch_size: 2, shard_size: {shard_size},
+             int8: true, threads: 1}}
+""")
+    run_cli("querygen.generate", configs["reference"])
+    reference = tmp_path / "reference" / "querygen" / "generated"
+    assert len(list((reference / "shards").glob("shard-*.tsv"))) == total
+    assert (reference / "queries.generated.tsv").stat().st_size > 0
+
+    out = tmp_path / "killed" / "querygen" / "generated"
+    written = lambda: sorted((out / "shards").glob("shard-*.tsv"))  # noqa: E731
+    at = random.Random(0).randint(1, total - 2)  # killed once `at` shards are written, before the next one is
+    with cli_child(tmp_path, "querygen.generate", configs["killed"], "shard", 1.0) as proc:
+        kill_when(proc, lambda: len(written()) >= at, timeout=600)
+    finished = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in written()}
+    assert at <= len(finished) < total and not (out / "queries.generated.tsv").exists()
+    assert not (out / "qrels.generated.tsv").exists()
+    for name, (_, text) in finished.items():  # whole shards, as the uninterrupted run wrote them
+        assert text == (reference / "shards" / name).read_bytes(), name
+
+    run_cli("querygen.generate", configs["killed"])
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in written() if p.name in finished} == finished
+    assert [p.read_bytes() for p in written()] == [(reference / "shards" / p.name).read_bytes() for p in written()]
+    assert len(written()) == total
+    for name in ("queries.generated.tsv", "qrels.generated.tsv"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
