@@ -280,6 +280,9 @@ class _LossWindow:
     """Mean loss and throughput since the last log line."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self.loss, self.n, self.examples, self.start = 0.0, 0, 0, time.perf_counter()
 
     def add(self, loss: float, examples: int) -> None:
@@ -288,7 +291,7 @@ class _LossWindow:
     def flush(self, lr: float) -> dict[str, float]:
         elapsed = time.perf_counter() - self.start
         record = {"loss": self.loss / self.n, "lr": lr, "examples_per_s": self.examples / elapsed, "time": time.time()}
-        self.__init__()
+        self._reset()
         return record
 
 

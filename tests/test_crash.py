@@ -88,13 +88,20 @@ def synthetic(n: int, seed: int = 0) -> list[tuple[str, str]]:
 @contextlib.contextmanager
 def child(tmp_path: Path, job: str, passages, **args) -> Iterator[subprocess.Popen]:
     """A writer in a child process, started once it has imported what it needs (it printed "ready")."""
-    spec = tmp_path / f"{job}-{time.monotonic_ns()}.json"
-    spec.write_text(json.dumps({"job": job, "passages": passages, "inputs": INPUTS, **args}))
-    with open(spec.with_suffix(".err"), "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(spec)], cwd=REPO, env=ENV,
+    with _spawn(tmp_path, job, CHILD, ENV, {"job": job, "passages": passages, "inputs": INPUTS, **args}) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def _spawn(tmp_path: Path, name: str, script: str, env: dict, spec: dict) -> Iterator[subprocess.Popen]:
+    """`script` in a child process reading `spec` (JSON), yielded once it printed "ready"; killed on exit."""
+    path = tmp_path / f"{name}-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(spec))
+    with open(path.with_suffix(".err"), "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=err, text=True)
     try:
-        assert proc.stdout.readline().strip() == "ready", spec.with_suffix(".err").read_text()[-3000:]
+        assert proc.stdout.readline().strip() == "ready", path.with_suffix(".err").read_text()[-3000:]
         yield proc
     finally:
         if proc.poll() is None:
@@ -277,19 +284,9 @@ runpy.run_module(args["module"], run_name="__main__", alter_sys=True)
 @contextlib.contextmanager
 def cli_child(tmp_path: Path, module: str, config: Path, pause: str, seconds: float) -> Iterator[subprocess.Popen]:
     """`python -m module --config config` in a child process that waits `seconds` at `pause`."""
-    spec = tmp_path / f"{module}-{time.monotonic_ns()}.json"
-    spec.write_text(json.dumps({"module": module, "config": str(config), "pause": pause, "seconds": seconds}))
-    with open(spec.with_suffix(".err"), "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", CLI_CHILD, str(spec)], cwd=REPO, env=CLI_ENV,
-                                stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready", spec.with_suffix(".err").read_text()[-3000:]
+    spec = {"module": module, "config": str(config), "pause": pause, "seconds": seconds}
+    with _spawn(tmp_path, module, CLI_CHILD, CLI_ENV, spec) as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(60)
-        proc.stdout.close()
 
 
 def run_cli(module: str, config: Path) -> str:
