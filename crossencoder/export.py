@@ -15,7 +15,6 @@ import logging
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from irbase.artifacts import atomic_dir, atomic_write_json, environment, file_records, model_fingerprint
+from irbase.artifacts import (atomic_dir, atomic_write_json, environment, file_records, model_fingerprint,
+                              scratch_dir)
 from irbase.config import add_config_args, load_section
 from irbase.dataset import Dataset
 from irbase.runconfig import DataConfig, stage_dir
@@ -123,8 +123,8 @@ def export_fp32(model: CrossEncoder, path: Path, opset: int) -> None:
 
     ids, mask = model.pairs.encode("a short query", ["a passage", "another passage that is a bit longer"])
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=2)
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "model.onnx"
+    with scratch_dir(path) as tmp:
+        raw = tmp / "model.onnx"
         torch.onnx.export(_Logits(model).eval(), (torch.from_numpy(ids), torch.from_numpy(mask)), str(raw),
                           input_names=["input_ids", "attention_mask"], output_names=["logits"],
                           dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
@@ -219,8 +219,8 @@ def export_variants(model: CrossEncoder, out_dir: Path, config: ExportConfig,
     if shrink is not None:
         exported = shrink_embeddings(model, shrink)
     reports = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
+    with scratch_dir(out_dir) as tmp:  # beside the export, so a killed export's scratch is swept by the next
+        fp32 = tmp / "fp32.onnx"
         start = time.perf_counter()
         export_fp32(exported, fp32, config.opset)
         export_seconds = time.perf_counter() - start

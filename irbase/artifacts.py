@@ -3,10 +3,12 @@ mismatched model/index pair is refused at load instead of silently giving bad re
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, is_dataclass
@@ -32,7 +34,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=_scratch_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
@@ -59,10 +62,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     An existing directory at `path` is replaced only after the new one is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
+    with scratch_dir(path) as tmp:
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -71,9 +71,58 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def scratch_dir(beside: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory next to `beside` (same filesystem, so it can be renamed into place), named
+    after this process so that a later writer can tell a killed writer's leftovers from a live one's."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(beside)
+    tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix(beside), suffix=".tmp", dir=beside.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _scratch_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def sweep_stale(path: str | os.PathLike) -> list[Path]:
+    """Delete what writers of `path` that were killed (SIGKILL, power loss) left beside it: their
+    temporary files and directories, and an old version kept for a swap. If the kill fell between the
+    two renames of a swap, `path` is missing and the old version (the last complete one) is put back.
+    Leftovers of processes still alive are never touched. Returns what it removed or restored."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    done = []
+    for entry in path.parent.glob(glob.escape(prefix) + "*"):
+        match = re.fullmatch(r"(\d+)\.[^.]+\.tmp|old-(\d+)", entry.name[len(prefix):])
+        if not match or _alive(int(match.group(1) or match.group(2))):
+            continue
+        if match.group(2) and not path.exists():
+            os.replace(entry, path)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        done.append(entry)
+    return done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _umask() -> int:

@@ -73,10 +73,35 @@ def config_changes(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
+# A JIT build of a torch extension takes seconds to a few minutes; a lock older than this was left by a kill.
+STALE_BUILD_LOCK_S = 15 * 60
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """DeepSpeed compiles an op through torch's JIT extension builder the first time a process starts (its
+    CPU comm op on every CPU run). That builder holds a `lock` file while it compiles, and a process killed
+    meanwhile never removes it: every later training then waits on it forever, silently. A lock older than
+    any build takes is removed with its half-built folder, so the op is compiled afresh."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    cleared = []
+    for lock in sorted(root.glob("**/lock")) if root.is_dir() else []:
+        age = time.time() - lock.stat().st_mtime
+        if age > max_age_s:
+            log.warning("removing %s: a torch extension build killed %.0f min ago left it", lock.parent, age / 60)
+            shutil.rmtree(lock.parent, ignore_errors=True)
+            cleared.append(lock.parent)
+        else:
+            log.info("%s is being built by another process (lock %.0f s old): waiting", lock.parent, age)
+    return cleared
+
+
 def init_distributed() -> tuple[int, int]:
     """Rank and world size; a plain `python -m` run becomes a world of one without MPI."""
     import deepspeed
 
+    clear_stale_build_locks()
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -201,6 +226,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.output_dir / "train_config.json", run_record)
             _truncate_log(log_path, state["global_step"])
+            for stale in self.checkpoints.glob(".tmp-*"):  # a save that a kill cut short (a full model each)
+                shutil.rmtree(stale, ignore_errors=True)
         self._loop(engine, scheduler, state, total, rank, world, log_path)
         self._save(engine, state, rank)
         self.stream_position = state["epoch"] * per_epoch + state["micro_in_epoch"] * per_micro

@@ -142,9 +142,11 @@ def generate(config_path: str | None, overrides: Sequence[str]) -> Path:
     encoder = PromptEncoder(model.tokenizer, model.config.prompt, model.config.passage_max_tokens,
                             model.config.query_max_tokens)
     stop = stop_tokens(model)
-    if config.int8 and model.device.type == "cpu":
+    quantized = config.int8 and model.device.type == "cpu"
+    if quantized:
         model = quantize(model, head=config.int8_head, keep_fp32=config.int8_keep_fp32)
     model.eval()
+    bf16 = bf16_fast(model.device) and not quantized  # int8 dynamic kernels take fp32 activations only
     limit = None if config.max_passages is None else -(-config.max_passages // config.shard_size) * config.shard_size
     total = sum(1 for _ in islice(dataset.iter_collection(), limit))
     bar = tqdm(total=total, desc="generating", unit="passage")
@@ -154,7 +156,7 @@ def generate(config_path: str | None, overrides: Sequence[str]) -> Path:
         if path.is_file():
             bar.update(len(passages))
             continue
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16_fast(model.device)):
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
             text, count = generate_shard(model, encoder, passages, config, run.seed, shard, stop, bar)
         atomic_write_text(path, text)
         decoded += count

@@ -349,9 +349,8 @@ def test_onnx_export_killed_midway_leaves_no_half_variant_and_reexports_alike(tm
         np.testing.assert_allclose(np.concatenate([got.score(q, ps) for q, ps in groups]),
                                    np.concatenate(want[variant]), atol=1e-6)
         assert export_record(onnx / variant) == export_record(reference / variant), variant
-    for leftover in (p for p in onnx.iterdir() if p.name.startswith(".")):  # never loaded as a variant
-        with pytest.raises(FileNotFoundError, match="no export.json"):
-            OnnxReranker(leftover, threads=1)
+    # the killed export's staged variant and its scratch (the fp32 graph) are swept by the rerun
+    assert [p.name for p in (*onnx.parent.glob(".*"), *onnx.glob(".*"))] == []
 
 
 @pytest.mark.slow

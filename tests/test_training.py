@@ -102,6 +102,28 @@ def test_a_second_round_names_its_first_round_under_run_dir(tmp_path, tiny_decod
     assert recorded["recipe"]["init_from"] == str(tmp_path / "run" / "biencoder" / "model")
 
 
+def test_a_build_lock_left_by_a_killed_compile_is_cleared_and_a_live_one_kept(tmp_path, monkeypatch):
+    """A killed JIT compile of DeepSpeed's op leaves torch's `lock` behind, and every later training waited
+    on it forever; an old lock goes with its half-built folder, a young one (a compile under way) stays."""
+    import time
+
+    from irbase.training import STALE_BUILD_LOCK_S, clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    killed, building, built = (tmp_path / "py311_cpu" / name for name in ("shm_op", "adam_op", "done_op"))
+    for folder in (killed, building, built):
+        folder.mkdir(parents=True)
+        (folder / "shm.o").write_bytes(b"half")
+    (killed / "lock").touch()
+    (building / "lock").touch()
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(killed / "lock", (old, old))
+    assert clear_stale_build_locks() == [killed]
+    assert not killed.exists() and (building / "lock").is_file() and (built / "shm.o").is_file()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "absent"))
+    assert clear_stale_build_locks() == []
+
+
 def test_config_changes_by_hand():
     from irbase.training import config_changes
 

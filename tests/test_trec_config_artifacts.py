@@ -1,11 +1,12 @@
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from irbase.artifacts import (ArtifactError, atomic_dir, atomic_path, atomic_write_json, check_inputs,
-                              read_manifest, write_manifest)
+from irbase.artifacts import (ArtifactError, atomic_dir, atomic_path, atomic_write_json, atomic_write_text,
+                              check_inputs, read_manifest, write_manifest)
 from irbase.config import ConfigError, load_section, load_yaml
 from irbase.formats import DataFormatError
 from irbase.trec import read_trec_run, write_trec_run
@@ -134,6 +135,53 @@ def test_atomic_dir_replaces_whole(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "v2").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["v2"]
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from irbase.artifacts import atomic_dir, atomic_path
+root = sys.argv[1]
+with atomic_dir(root + "/d") as tmp, atomic_path(root + "/f.bin") as ftmp:
+    (tmp / "half.bin").write_bytes(b"x" * 4096)
+    ftmp.write_bytes(b"half")
+    print(os.getpid(), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_writers_leftovers_are_swept_by_the_next_write_and_live_ones_kept(tmp_path):
+    """SIGKILL inside atomic_dir and atomic_path leaves their temporaries (no finally runs); the next
+    writer of the same path removes them, keeps a live process's, and puts back a complete old version
+    when the kill fell between the two renames of a swap."""
+    import signal
+    import subprocess
+    import sys
+
+    from irbase.artifacts import scratch_dir, sweep_stale
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "v1").write_text("1")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    dead = int(proc.stdout)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert len(left) == 2 and all(name.startswith((f".d.{dead}.", f".f.bin.{dead}.")) for name in left)
+    live = tmp_path / f".d.{os.getpid()}.abcd1234.tmp"  # a writer in this (live) process
+    live.mkdir()
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "v2").write_text("2")
+    atomic_write_text(tmp_path / "f.bin", "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "d", "f.bin"])
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["v2"] and (tmp_path / "f.bin").read_text() == "whole"
+
+    # killed between "move the old version aside" and "move the new one in": the old one comes back
+    os.replace(tmp_path / "d", tmp_path / f".d.old-{dead}")
+    assert sweep_stale(tmp_path / "d") == [tmp_path / f".d.old-{dead}"]
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["v2"]
+    with scratch_dir(tmp_path / "d") as scratch:  # named after this process, gone when the block ends
+        assert scratch.name.startswith(f".d.{os.getpid()}.") and scratch.is_dir()
+    assert not scratch.exists() and live.is_dir()
 
 
 def test_manifest_refuses_missing_foreign_and_mismatched(tmp_path):
