@@ -277,7 +277,7 @@ def test_the_page_in_headless_chromium(tiny_run, tmp_path):
 
 
 # Fuzzing (Hypothesis) of the two ways a query reaches the model: `Retriever.search_detailed` and the HTTP
-# service: 400 cases here, 750 more in tests/test_fuzz.py.
+# service: 550 cases here, 600 more in tests/test_fuzz.py.
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 FUZZ_SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -304,6 +304,39 @@ def test_fuzzed_searches_answer_or_name_the_argument(retriever, query, k, depth)
     assert len(response.results) <= k
     ids = [r.document_id for r in response.results]
     assert len(set(ids)) == len(ids) and all(r.document_text == PASSAGES[r.document_id] for r in response.results)
+
+
+CLI_NUMBER = st.one_of(st.integers(-3, 30).map(str), st.integers().map(str), st.text(max_size=6),
+                       st.sampled_from(["1e3", "nan", "0x10", " 5", "٣", "10" * 20]))
+
+
+@settings(max_examples=150, **FUZZ_SETTINGS)
+@given(query=ODD_TEXT, k=st.one_of(st.none(), CLI_NUMBER), depth=st.one_of(st.none(), CLI_NUMBER))
+def test_fuzzed_search_cli_arguments_answer_or_name_the_argument(retriever, tiny_run, monkeypatch, capsys,
+                                                                 query, k, depth):
+    """`python -m pipeline.search QUERY -k K --depth D` in-process, with one loaded Retriever standing in for
+    the one main() would load: 0 with at most k results, or 2 with a message naming the query or option."""
+    import pipeline.retriever
+    from pipeline.search import main
+
+    monkeypatch.setattr(pipeline.retriever, "Retriever",
+                        lambda run, depth=None: retriever if depth is None else retriever.reconfigured(depth=depth))
+    argv = [query, "--run", str(tiny_run), "--json", *(["-k", k] if k is not None else []),
+            *(["--depth", depth] if depth is not None else [])]
+    try:
+        code = main(argv)
+    except SystemExit as refused:  # argparse: a value that is no int, a query that looks like an option
+        err = capsys.readouterr().err
+        assert refused.code == 2 and any(name in err for name in ("-k", "--depth", "argument", "query")), err
+        return
+    captured = capsys.readouterr()
+    if code == 2:
+        assert not query.strip() and "the query is empty" in captured.err
+        return
+    assert code == 0 and query.strip(), captured.err
+    results = json.loads(captured.out.splitlines()[-1])["results"]
+    assert len(results) <= (int(k) if k is not None else 10)
+    assert all(r["document_text"] == PASSAGES[r["document_id"]] for r in results)
 
 
 JSON_VALUE = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | ODD_TEXT,
