@@ -3,7 +3,6 @@ L2-normalised embeddings whose prefixes are usable on their own (Matryoshka)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -14,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from irbase.artifacts import atomic_dir, atomic_write_json
-from irbase.config import from_dict
-from irbase.lm import BaseLMConfig, bf16_fast, by_length, is_decoder, load_backbone, load_tokenizer
+from irbase.config import read_saved_config
+from irbase.lm import (BaseLMConfig, bf16_fast, by_length, is_decoder, load_backbone, load_tokenizer,
+                       save_tokenizer)
 
 from biencoder.loss import matryoshka_info_nce
 
@@ -132,11 +132,7 @@ class BiEncoder(nn.Module):
             self.query_backbone.save_pretrained(tmp / "query")
             if self.passage_backbone is not None:
                 self.passage_backbone.save_pretrained(tmp / "passage")
-            backend = getattr(self.tokenizer, "_tokenizer", None)
-            if backend is not None:  # fast tokenizers persist the last call's settings: save a clean state
-                backend.no_truncation()
-                backend.no_padding()
-            self.tokenizer.save_pretrained(tmp / "query")
+            save_tokenizer(self.tokenizer, tmp / "query")
             if self.projection is not None:
                 torch.save(self.projection.state_dict(), tmp / "projection.pt")
             atomic_write_json(tmp / CONFIG_FILE, {"biencoder": dataclasses.asdict(self.config),
@@ -148,11 +144,8 @@ class BiEncoder(nn.Module):
         from transformers import AutoModel
 
         path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a saved bi-encoder (no {CONFIG_FILE}); "
-                                    "train one with: python -m biencoder.train --config configs/mini.yaml")
-        saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        config = from_dict(BiEncoderConfig, saved["biencoder"], str(path / CONFIG_FILE))
+        config, saved = read_saved_config(path, CONFIG_FILE, "biencoder", BiEncoderConfig, "bi-encoder",
+                                          "biencoder.train")
         query = AutoModel.from_pretrained(path / "query", dtype=torch.float32)
         passage = AutoModel.from_pretrained(path / "passage", dtype=torch.float32) \
             if (path / "passage").is_dir() else None

@@ -3,7 +3,6 @@ over one pooled state (the last token for decoders, [CLS] for encoders)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from irbase.artifacts import atomic_dir, atomic_write_json
-from irbase.config import from_dict
+from irbase.config import read_saved_config
 from irbase.lm import BaseLMConfig, bf16_fast, by_length, is_decoder, load_backbone
 
 from crossencoder.pairs import PairEncoder, PairFormat
@@ -174,11 +173,8 @@ class CrossEncoder(nn.Module):
         from transformers import AutoModel
 
         path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a saved cross-encoder (no {CONFIG_FILE}); "
-                                    "train one with: python -m crossencoder.train --config configs/mini.yaml")
-        saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        config = from_dict(CrossEncoderConfig, saved["crossencoder"], str(path / CONFIG_FILE))
+        config, _ = read_saved_config(path, CONFIG_FILE, "crossencoder", CrossEncoderConfig, "cross-encoder",
+                                      "crossencoder.train")
         backbone = AutoModel.from_pretrained(path / "backbone", dtype=torch.float32)
         head = nn.Linear(backbone.config.hidden_size, 1)
         head.load_state_dict(torch.load(path / "head.pt", weights_only=True))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -84,6 +85,19 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
     return cls(**kwargs)
+
+
+
+def read_saved_config(path: Path, file: str, section: str, cls: type[T], what: str,
+                      train_module: str) -> tuple[T, dict[str, Any]]:
+    """A saved model's recipe (`section` of its `file`, as the dataclass `cls`) and its whole record. A folder
+    without the record is refused naming the folder and the command that trains one."""
+    record = Path(path) / file
+    if not record.is_file():
+        raise FileNotFoundError(f"{path} is not a saved {what} (no {file}); train one with: "
+                                f"python -m {train_module} --config configs/mini.yaml")
+    saved = json.loads(record.read_text(encoding="utf-8"))
+    return from_dict(cls, saved.get(section), str(record)), saved
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

@@ -226,6 +226,16 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """Save without the last call's truncation and padding, which fast tokenizers would otherwise persist
+    into tokenizer.json and impose on whoever loads the folder."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
+    tokenizer.save_pretrained(folder)
+
+
 def load_backbone(config: BaseLMConfig):
     """(transformer without LM head, tokenizer, resolved path) for the configured base LM."""
     from transformers import AutoModel

@@ -10,7 +10,6 @@ train; the token embeddings and the lower layers stay the base LM's.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from irbase.artifacts import atomic_dir, atomic_write_json
-from irbase.config import from_dict
-from irbase.lm import BaseLMConfig, load_backbone, load_tokenizer
+from irbase.config import read_saved_config
+from irbase.lm import BaseLMConfig, load_backbone, load_tokenizer, save_tokenizer
 
 CONFIG_FILE = "querygen.json"
 HEAD_FILE = "head.pt"
@@ -108,11 +107,7 @@ class QueryGenerator(nn.Module):
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         with atomic_dir(path) as tmp:
             self.backbone.save_pretrained(tmp / "backbone")
-            backend = getattr(self.tokenizer, "_tokenizer", None)
-            if backend is not None:  # fast tokenizers persist the last call's settings: save a clean state
-                backend.no_truncation()
-                backend.no_padding()
-            self.tokenizer.save_pretrained(tmp / "backbone")
+            save_tokenizer(self.tokenizer, tmp / "backbone")
             torch.save({"vocab": self.vocab.cpu(), "weight": self.head.weight.detach().cpu()}, tmp / HEAD_FILE)
             atomic_write_json(tmp / CONFIG_FILE, {"querygen": dataclasses.asdict(self.config), **(extra or {})})
 
@@ -121,11 +116,8 @@ class QueryGenerator(nn.Module):
         from transformers import AutoModel
 
         path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a saved query generator (no {CONFIG_FILE}); train one with: "
-                                    "python -m querygen.train --config configs/mini.yaml")
-        saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        config = from_dict(GeneratorConfig, saved["querygen"], str(path / CONFIG_FILE))
+        config, _ = read_saved_config(path, CONFIG_FILE, "querygen", GeneratorConfig, "query generator",
+                                      "querygen.train")
         backbone = AutoModel.from_pretrained(path / "backbone", dtype=torch.float32)
         state = torch.load(path / HEAD_FILE, weights_only=True)
         head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0], bias=False)
