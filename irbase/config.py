@@ -87,7 +87,6 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
     return cls(**kwargs)
 
 
-
 def read_saved_config(path: Path, file: str, section: str, cls: type[T], what: str,
                       train_module: str) -> tuple[T, dict[str, Any]]:
     """A saved model's recipe (`section` of its `file`, as the dataclass `cls`) and its whole record. A folder

@@ -78,8 +78,8 @@ STALE_BUILD_LOCK_S = 15 * 60
 
 
 def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
-    """DeepSpeed compiles an op through torch's JIT extension builder the first time a process starts (its
-    CPU comm op on every CPU run). That builder holds a `lock` file while it compiles, and a process killed
+    """DeepSpeed compiles its ops through torch's JIT extension builder the first time a machine uses them
+    (the CPU comm op on every CPU run). That builder holds a `lock` file while it compiles, and a process killed
     meanwhile never removes it: every later training then waits on it forever, silently. A lock older than
     any build takes is removed with its half-built folder, so the op is compiled afresh."""
     from torch.utils.cpp_extension import get_default_build_root
