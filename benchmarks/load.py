@@ -34,11 +34,11 @@ from pipeline.retriever import Retriever
 class HttpSearcher:
     """The service's GET /search as a Searcher: one HTTP request per query (a new connection each)."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0):
-        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+    def __init__(self, url: str, timeout_s: float = 30.0, depth: int | None = None):
+        self.url, self.timeout_s, self.depth = url.rstrip("/"), timeout_s, depth
 
     def search(self, query: str, k: int) -> list[Result]:
-        params = urllib.parse.urlencode({"q": query, "k": k})
+        params = urllib.parse.urlencode({"q": query, "k": k, **({"depth": self.depth} if self.depth is not None else {})})
         with urllib.request.urlopen(f"{self.url}/search?{params}", timeout=self.timeout_s) as response:
             body = json.loads(response.read())
         return [Result(r["document_id"], r["document_text"], r["score"]) for r in body["results"]]

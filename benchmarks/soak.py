@@ -93,7 +93,8 @@ def report(result: dict) -> str:
                      f"{r['worst_p95_drift']:+.1%} | {first['rss_mb']:.0f} | {last['rss_mb']:.0f} | "
                      f"{r['rss_drift']:+.1%} | {'met' if r['met'] else 'missed'} |")
     eq = result["answers"]
-    lines.append(f"\nAnswers after the soak equal to a fresh Retriever's: {eq['equal']}/{eq['queries']}.")
+    lines.append(f"\nRerank depth {result.get('depth')}. "
+                 f"Answers after the soak equal to a fresh Retriever's: {eq['equal']}/{eq['queries']}.")
     return "\n".join(lines)
 
 
@@ -106,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=1000)
     parser.add_argument("--check", type=int, default=100, help="queries compared with a fresh Retriever")
     parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--depth", type=int, help="candidates reranked per query (default: what the run serves)")
     parser.add_argument("--url", help="soak a running `python -m pipeline.serve` instead of an in-process Retriever")
     parser.add_argument("--server-pid", type=int, help="with --url: the service's process, whose memory is sampled")
     parser.add_argument("--out", help="default: <run.dir>/benchmarks/soak-<split>")
@@ -115,22 +117,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--url needs --server-pid: the memory that matters is the service's")
     if min(args.queries, args.window, args.check, *args.clients) < 1:
         parser.error("--queries, --window, --check and --clients must be at least 1")
+    if args.depth is not None and args.depth < 0:
+        parser.error(f"--depth must be >= 0, got {args.depth}")
     run = load_section(args.config, "run", RunConfig, args.overrides)
     data = load_section(args.config, "data", DataConfig, args.overrides)
     split = args.split or data.dev_split
     texts = [text for _, text in sorted(Dataset.from_dir(data.root, split).queries.items())]
     process = psutil.Process(args.server_pid or os.getpid())
     if args.url:
-        searcher: Searcher = HttpSearcher(args.url)
+        searcher: Searcher = HttpSearcher(args.url, depth=args.depth)
     else:
-        searcher = Retriever(run.dir)
+        searcher = Retriever(run.dir, depth=args.depth)
         searcher.warmup()
     runs = [run_windows(searcher, list(islice(cycle(texts), args.queries)), c, args.window,
                         lambda: process.memory_info().rss, args.k) for c in args.clients]
-    fresh = Retriever(run.dir)
+    fresh = Retriever(run.dir, depth=args.depth)
     answers = same_answers(searcher, fresh, texts[: args.check], args.k)
     result = {"command": "python -m benchmarks.soak " + " ".join(sys.argv[1:] if argv is None else argv),
-              "split": split, "target": {"rss_drift": RSS_DRIFT, "p95_drift": P95_DRIFT}, "runs": runs,
+              "split": split, "depth": fresh.serving.depth, "target": {"rss_drift": RSS_DRIFT, "p95_drift": P95_DRIFT}, "runs": runs,
               "answers": answers, "service": args.url, "environment": environment()}
     out = Path(args.out or Path(run.dir) / "benchmarks" / f"soak-{split}")
     out.mkdir(parents=True, exist_ok=True)

@@ -199,6 +199,8 @@ def test_the_load_benchmark_drives_the_service_over_http(server):
     assert one["recall@1"] == four["recall@1"]  # no deadline cuts on the tiny run: the same answers
     refused = load_test(HttpSearcher(url), queries[:2], 2, k=0)  # k=0 is a 422: counted, not raised
     assert refused["errors"] == 2 and "422" in refused["first_errors"][0]
+    texts = list(QUERIES.values())  # the depth reaches the service: without reranking, other scores
+    assert [HttpSearcher(url, depth=0).search(q, 5) for q in texts] != [HttpSearcher(url).search(q, 5) for q in texts]
 
 
 def test_the_real_service_answers_logs_each_request_and_stops_on_sigterm(server):

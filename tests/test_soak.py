@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
@@ -46,3 +47,22 @@ def test_a_soaked_retriever_answers_as_a_fresh_one(tmp_path, built_tiny_run):
     assert answers == {"queries": len(texts), "equal": len(texts), "fraction": 1.0, "first_mismatches": []}
     other = Retriever(run, depth=0)  # no reranking: another ranking, which the comparison must notice
     assert same_answers(soaked, other, texts)["equal"] < len(texts)
+
+
+def test_the_soak_command_serves_the_depth_it_is_given(tmp_path, built_tiny_run, tiny_msmarco):
+    """`--depth` reaches the soaked and the fresh Retriever (a run whose sweep chose depth 0 would otherwise
+    never exercise its reranker), and the record says which depth was soaked."""
+    from benchmarks.soak import main
+
+    run = copy_tiny_run(built_tiny_run, tmp_path)
+    config = tmp_path / "soak.yaml"
+    config.write_text(f"run: {{dir: {run}, seed: 1}}\ndata: {{root: {tiny_msmarco}}}\n")
+    out = tmp_path / "soak"
+    for depth in (0, 5):
+        main(["--config", str(config), "--queries", "8", "--clients", "1", "--window", "4", "--check", "4",
+              "--depth", str(depth), "--out", str(out / str(depth))])
+        saved = json.loads((out / str(depth) / "soak.json").read_text())
+        assert saved["depth"] == depth and f"Rerank depth {depth}." in (out / str(depth) / "report.md").read_text()
+        assert saved["answers"]["equal"] == 4 and saved["runs"][0]["errors"] == 0
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "--depth", "-1"])
