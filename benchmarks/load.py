@@ -38,8 +38,11 @@ class HttpSearcher:
         self.url, self.timeout_s, self.depth = url.rstrip("/"), timeout_s, depth
 
     def search(self, query: str, k: int) -> list[Result]:
-        params = urllib.parse.urlencode({"q": query, "k": k, **({"depth": self.depth} if self.depth is not None else {})})
-        with urllib.request.urlopen(f"{self.url}/search?{params}", timeout=self.timeout_s) as response:
+        params = {"q": query, "k": k}
+        if self.depth is not None:
+            params["depth"] = self.depth
+        with urllib.request.urlopen(f"{self.url}/search?{urllib.parse.urlencode(params)}",
+                                    timeout=self.timeout_s) as response:
             body = json.loads(response.read())
         return [Result(r["document_id"], r["document_text"], r["score"]) for r in body["results"]]
 

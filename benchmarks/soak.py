@@ -134,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fresh = Retriever(run.dir, depth=args.depth)
     answers = same_answers(searcher, fresh, texts[: args.check], args.k)
     result = {"command": "python -m benchmarks.soak " + " ".join(sys.argv[1:] if argv is None else argv),
-              "split": split, "depth": fresh.serving.depth, "target": {"rss_drift": RSS_DRIFT, "p95_drift": P95_DRIFT}, "runs": runs,
-              "answers": answers, "service": args.url, "environment": environment()}
+              "split": split, "depth": fresh.serving.depth, "target": {"rss_drift": RSS_DRIFT, "p95_drift": P95_DRIFT},
+              "runs": runs, "answers": answers, "service": args.url, "environment": environment()}
     out = Path(args.out or Path(run.dir) / "benchmarks" / f"soak-{split}")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "soak.json", result)

@@ -106,7 +106,8 @@ def sweep_stale(path: str | os.PathLike) -> list[Path]:
         if not match or _alive(int(match.group(1) or match.group(2))):
             continue
         if match.group(2) and not path.exists():
-            os.replace(entry, path)
+            with contextlib.suppress(FileNotFoundError):  # another writer's sweep restored it first
+                os.replace(entry, path)
         elif entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:

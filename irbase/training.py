@@ -87,7 +87,10 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     cleared = []
     for lock in sorted(root.glob("**/lock")) if root.is_dir() else []:
-        age = time.time() - lock.stat().st_mtime
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # that build finished meanwhile
+            continue
         if age > max_age_s:
             log.warning("removing %s: a torch extension build killed %.0f min ago left it", lock.parent, age / 60)
             shutil.rmtree(lock.parent, ignore_errors=True)

@@ -278,8 +278,8 @@ def test_the_page_in_headless_chromium(tiny_run, tmp_path):
         proc.wait(timeout=30)
 
 
-# Fuzzing (Hypothesis) of the two ways a query reaches the model: `Retriever.search_detailed` and the HTTP
-# service: 550 cases here, 600 more in tests/test_fuzz.py.
+# Fuzzing (Hypothesis) of the three ways a query reaches the model: `Retriever.search_detailed`, the search
+# CLI and the HTTP service: 550 cases here, 600 more in tests/test_fuzz.py.
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 FUZZ_SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
