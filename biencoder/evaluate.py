@@ -75,8 +75,9 @@ def proxy_corpus(dataset: Dataset, bm25: BM25Index, config: ProxyConfig, seed: i
 
 
 def proxy_bm25(config_path: str | None, overrides: Sequence[str], dev: Dataset) -> BM25Index:
-    """The dev BM25 index the proxy draws its distractors from, shared by every run of the recipe's run.dir."""
-    config, index = configured(config_path, overrides)
+    """The dev BM25 index the proxy draws its distractors from (plain passages, so the proxy stays fixed when
+    the served index is expanded), shared by every run of the recipe's run.dir."""
+    config, index = configured(config_path, overrides, plain=True)
     return build_or_load(index, dev, config)
 
 

@@ -80,7 +80,7 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     if recipe.final_eval:
         dev_set = Dataset.from_dir(data.root, data.dev_split)
         qids = eval_queries(dev_set, recipe.eval.queries, run.seed)
-        bm25, bm25_dir = configured(config_path, overrides)
+        bm25, bm25_dir = configured(config_path, overrides, plain=True)
         candidates = bm25_candidates(bm25_dir, dev_set, bm25, qids, max(recipe.eval.depth, 100))
         first = {q: [(p, -i) for i, p in enumerate(pids)] for q, pids in candidates.items()}
         start = time.perf_counter()

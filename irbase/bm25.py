@@ -12,7 +12,7 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -195,11 +195,15 @@ def resolved(config: BM25Config, run_dir: str, data_root: str) -> BM25Config:
     return config
 
 
-def configured(config_path: str | None, overrides: Sequence[str]) -> tuple[BM25Config, Path]:
-    """The recipe's BM25 config (expansion path filled in) and the run directory its index lives in."""
+def configured(config_path: str | None, overrides: Sequence[str], plain: bool = False) -> tuple[BM25Config, Path]:
+    """The recipe's BM25 config (expansion path filled in) and the run directory its index lives in. `plain`
+    drops the expansion: the training evaluations draw fixed candidates from the passages alone, so their
+    figures do not move with (or wait for) the generated queries."""
     run = load_section(config_path, "run", RunConfig, overrides)
     data = load_section(config_path, "data", DataConfig, overrides)
     config = resolved(load_section(config_path, "bm25", BM25Config, overrides), run.dir, data.root)
+    if plain:
+        config = replace(config, expansion=None)
     return config, index_dir(run.dir, config)
 
 

@@ -105,3 +105,18 @@ def test_expanded_index_matches_appended_queries_and_returns_the_passage_text(tm
         build_or_load(tmp_path / "bm25-expanded", ds, config)
     with pytest.raises(FileNotFoundError, match=r"bm25.expansion: .*absent.tsv not found .*querygen.filter"):
         build_or_load(tmp_path / "bm25-expanded", ds, BM25Config(expansion=str(tmp_path / "absent.tsv")))
+
+
+def test_configured_plain_drops_the_expansion_and_its_index_dir(tmp_path):
+    """Training evaluations ask for the plain index: their candidates must not wait for, or move with, the
+    generated queries that the served index is expanded with."""
+    from irbase.bm25 import configured
+    config = tmp_path / "c.yaml"
+    config.write_text(f'run: {{dir: {tmp_path / "run"}}}\ndata: {{root: {tmp_path}}}\n'
+                      'bm25: {expansion: "{run_dir}/querygen/filtered/decisions.tsv"}\n')
+    served, served_dir = configured(str(config), [])
+    plain, plain_dir = configured(str(config), [], plain=True)
+    assert served.expansion == str(tmp_path / "run" / "querygen/filtered/decisions.tsv")
+    assert served_dir == tmp_path / "run" / "bm25-expanded"
+    assert plain.expansion is None and plain_dir == tmp_path / "run" / "bm25"
+    assert (plain.k1, plain.b) == (served.k1, served.b)

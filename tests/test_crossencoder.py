@@ -225,6 +225,7 @@ def test_training_end_to_end(tmp_path, tiny_decoder):
     config.write_text(f"""
 run: {{dir: {tmp_path / 'run'}, seed: 7}}
 data: {{root: {data}}}
+bm25: {{expansion: "{{run_dir}}/querygen/filtered/decisions.tsv"}}   # not written yet: the eval reads plain BM25
 crossencoder:
   model: {{base_lm: {{name: {tiny_decoder}, num_layers: 2, bidirectional: true}}, max_length: 48}}
   train: {{deepspeed_config: {REPO / 'configs/deepspeed/cpu_fp32.json'}, batch_size: 2, max_steps: 6,
@@ -239,6 +240,7 @@ crossencoder:
     stage = tmp_path / "run" / "crossencoder"
     evaluation = json.loads((stage / "eval.json").read_text())
     assert evaluation["eval_queries"] == 4 and set(evaluation["reranked"]) >= {"recall@1", "mrr@10"}
+    assert (tmp_path / "run" / "bm25" / "manifest.json").is_file()  # the plain index, whatever bm25.expansion says
     log = [json.loads(line) for line in (stage / "train_log.jsonl").open()]
     assert [r["step"] for r in log] == [2, 4, 6]
     assert (stage / "checkpoints" / "latest.json").is_file()
