@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from irbase.artifacts import atomic_path, atomic_write_json, atomic_write_text, environment
-from irbase.config import add_config_args, load_section
+from irbase.config import add_config_args, load_section, parse_config_args
 from irbase.dataset import Dataset, add_dataset_args, dataset_from_args
 from irbase.runconfig import DataConfig, RunConfig
 from irbase.search import Searcher
@@ -133,7 +133,7 @@ def paired_tests(results: dict[str, BenchmarkResult], qids: list[str], seed: int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_config_args(_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     run = load_section(args.config, "run", RunConfig, args.overrides)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from irbase.artifacts import atomic_write_json, environment
-from irbase.config import add_config_args, load_section
+from irbase.config import add_config_args, load_section, parse_config_args
 from irbase.dataset import Dataset
 from irbase.lm import BaseLMConfig, bf16_fast
 from irbase.runconfig import DataConfig
@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/gpu-check", help="scratch and report folder (default: %(default)s)")
     parser.add_argument("--only", nargs="+", choices=list(CHECKS), default=list(CHECKS), metavar="CHECK")
     add_config_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_config_args(parser, argv)
     if not args.cpu and not torch.cuda.is_available():
         parser.error("torch sees no CUDA device: install the gpu extra on a GPU machine, or pass --cpu")
     device = torch.device("cpu" if args.cpu else "cuda")

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Sequence
 
-from irbase.config import add_config_args, load_section
+from irbase.config import add_config_args, load_section, parse_config_args
 from irbase.dataset import Dataset
 from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig, RunConfig
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", help="drive a running `python -m pipeline.serve` at this URL instead of an "
                                       "in-process Retriever")
     add_config_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_config_args(parser, argv)
     run = load_section(args.config, "run", RunConfig, args.overrides)
     data = load_section(args.config, "data", DataConfig, args.overrides)
     dataset = Dataset.from_dir(data.root, args.split or data.dev_split)

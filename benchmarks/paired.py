@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from irbase.config import add_config_args, load_section
+from irbase.config import add_config_args, load_section, parse_config_args
 from irbase.dataset import add_dataset_args, dataset_from_args
 from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
     add_config_args(parser)
     add_dataset_args(parser, split=None)
-    args = parser.parse_args(argv)
+    args = parse_config_args(parser, argv)
     data = load_section(args.config, "data", DataConfig, args.overrides)
     args.split = args.split or data.dev_split
     dataset = dataset_from_args(args, default_root=data.root)

@@ -28,7 +28,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from irbase.artifacts import atomic_write_json, environment
-from irbase.config import add_config_args, load_section
+from irbase.config import add_config_args, load_section, parse_config_args
 from irbase.dataset import Dataset
 from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig, RunConfig
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_config_args(_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     run = load_section(args.config, "run", RunConfig, args.overrides)

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import psutil
 
 from irbase.artifacts import atomic_write_json, atomic_write_text, environment
-from irbase.config import add_config_args, load_section
+from irbase.config import add_config_args, load_section, parse_config_args
 from irbase.dataset import Dataset
 from irbase.runconfig import DataConfig, RunConfig
 from irbase.search import Searcher
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server-pid", type=int, help="with --url: the service's process, whose memory is sampled")
     parser.add_argument("--out", help="default: <run.dir>/benchmarks/soak-<split>")
     add_config_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_config_args(parser, argv)
     if args.url and not args.server_pid:
         parser.error("--url needs --server-pid: the memory that matters is the service's")
     if min(args.queries, args.window, args.check, *args.clients) < 1:

@@ -26,7 +26,7 @@ from torch import nn
 
 from irbase.artifacts import (atomic_dir, atomic_write_json, environment, file_records, model_fingerprint,
                               scratch_dir)
-from irbase.config import add_config_args, load_section
+from irbase.config import add_config_args, load_section, parse_config_args
 from irbase.dataset import Dataset
 from irbase.runconfig import DataConfig, stage_dir
 
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: export.variants of the config")
     add_config_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_config_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -145,3 +147,16 @@ def add_config_args(parser: argparse.ArgumentParser, default: str = "configs/min
     parser.add_argument("--config", default=default, help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
                         help="config overrides, e.g. bm25.k1=1.2 run.dir=runs/exp1")
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")  # section.key=value, never an option or a stage name
+
+
+def parse_config_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args` with the `section.key=value` overrides taken out first, wherever they stand: an
+    option that takes several values (`--upto STAGE ...`, `--concurrency 1 4 16`) would otherwise swallow the
+    overrides that follow it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args([a for a in argv if not OVERRIDE.match(a)])
+    args.overrides = [a for a in argv if OVERRIDE.match(a)]
+    return args

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 from irbase.artifacts import atomic_write_json, model_fingerprint, to_jsonable
 from irbase.bm25 import BM25Config
-from irbase.config import ConfigError, add_config_args, load_section, load_yaml
+from irbase.config import ConfigError, add_config_args, load_section, load_yaml, parse_config_args
 from irbase.dataset import Dataset
 from irbase.runconfig import DataConfig, RunConfig, fill_path
 
@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run these stages and the stages they read from (e.g. --upto biencoder-r2)")
     parser.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="run these even if up to date")
     add_config_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_config_args(parser, argv)
     if not args.config:
         parser.error("--config is required (e.g. configs/mini.yaml, or configs/smoke.yaml to try it in minutes)")
     builder = Builder(args.config, args.overrides)

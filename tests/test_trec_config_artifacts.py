@@ -7,7 +7,7 @@ import pytest
 
 from irbase.artifacts import (ArtifactError, atomic_dir, atomic_path, atomic_write_json, atomic_write_text,
                               check_inputs, read_manifest, write_manifest)
-from irbase.config import ConfigError, load_section, load_yaml
+from irbase.config import ConfigError, load_section, load_yaml, parse_config_args
 from irbase.formats import DataFormatError
 from irbase.trec import read_trec_run, write_trec_run
 
@@ -199,3 +199,26 @@ def test_manifest_refuses_missing_foreign_and_mismatched(tmp_path):
     with pytest.raises(ArtifactError, match="different collection"):
         check_inputs(tmp_path / "half", manifest, {"collection": "sha256:bbb"})
     json.loads((tmp_path / "half" / "manifest.json").read_text())
+
+
+
+def test_overrides_after_a_many_valued_option_are_not_swallowed(monkeypatch):
+    """`--upto benchmark bm25.expansion=null` once stopped with "unknown stage 'bm25.expansion=null'"."""
+    import argparse
+    import pipeline.build as build
+    from irbase.config import add_config_args
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1])
+    add_config_args(parser)
+    args = parse_config_args(parser, ["bm25.k1=1.2", "--concurrency", "1", "16",
+                                      'biencoder.negatives.files=["a=b.tsv"]'])
+    assert args.concurrency == [1, 16] and args.overrides == ["bm25.k1=1.2", 'biencoder.negatives.files=["a=b.tsv"]']
+
+    seen = {}
+    monkeypatch.setattr(build.Builder, "run_all", lambda self, only, force: seen.update(
+        only=only, force=force, overrides=self.overrides) or [])
+    monkeypatch.setattr(build, "print_summary", lambda *a: None)
+    assert build.main(["--config", "configs/mini.yaml", "--upto", "biencoder-r2", "bm25.expansion=null",
+                       "--force", "mine", "bm25.k1=1.2"]) == 0
+    assert seen == {"only": ["base-lm", "bm25-negatives", "biencoder", "mine", "biencoder-r2"], "force": ["mine"],
+                    "overrides": ["bm25.expansion=null", "bm25.k1=1.2"]}

@@ -27,7 +27,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from irbase.artifacts import atomic_write_json, environment
-from irbase.config import add_config_args, load_section
+from irbase.config import add_config_args, load_section, parse_config_args
 from irbase.dataset import add_dataset_args, dataset_from_args
 from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig, RunConfig
@@ -146,7 +146,7 @@ def _print_fit(result: dict, retriever: Retriever, depth: int, split: str, queri
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parse_config_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = load_section(args.config, "data", DataConfig, args.overrides)
     dataset = dataset_from_args(args, default_root=data.root)

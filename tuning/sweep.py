@@ -35,7 +35,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from irbase.artifacts import atomic_path, atomic_write_json, environment
-from irbase.config import add_config_args, load_section
+from irbase.config import add_config_args, load_section, parse_config_args
 from irbase.dataset import add_dataset_args, dataset_from_args
 from irbase.metrics import evaluate
 from irbase.runconfig import DataConfig, RunConfig
@@ -232,7 +232,7 @@ def _choice(chosen: dict, serving, args: argparse.Namespace, argv: Sequence[str]
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parse_config_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = load_section(args.config, "data", DataConfig, args.overrides)
     args.split = args.split or data.dev_split
