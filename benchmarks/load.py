@@ -28,7 +28,7 @@ from irbase.runconfig import DataConfig, RunConfig
 from irbase.search import Result, Searcher
 
 from benchmarks.harness import latency_summary, select_queries
-from pipeline.retriever import Retriever
+from pipeline.retriever import Retriever, SearchResponse
 
 
 class HttpSearcher:
@@ -37,19 +37,25 @@ class HttpSearcher:
     def __init__(self, url: str, timeout_s: float = 30.0, depth: int | None = None):
         self.url, self.timeout_s, self.depth = url.rstrip("/"), timeout_s, depth
 
-    def search(self, query: str, k: int) -> list[Result]:
+    def search_detailed(self, query: str, k: int) -> SearchResponse:
         params = {"q": query, "k": k}
         if self.depth is not None:
             params["depth"] = self.depth
         with urllib.request.urlopen(f"{self.url}/search?{urllib.parse.urlencode(params)}",
                                     timeout=self.timeout_s) as response:
             body = json.loads(response.read())
-        return [Result(r["document_id"], r["document_text"], r["score"]) for r in body["results"]]
+        return SearchResponse([Result(r["document_id"], r["document_text"], r["score"]) for r in body["results"]],
+                              body["timings_ms"], body["reranked"], body["depth"], body["cut_by_deadline"])
+
+    def search(self, query: str, k: int) -> list[Result]:
+        return self.search_detailed(query, k).results
 
 
 def load_test(searcher: Searcher, queries: Sequence[tuple[str, str]], concurrency: int, k: int = 10,
               qrels: Mapping[str, Mapping[str, int]] | None = None, min_relevance: int = 1) -> dict:
-    """`queries` are (qid, text); with `qrels`, recall@1 of the answers given under this load."""
+    """`queries` are (qid, text); with `qrels`, recall@1 of the answers given under this load. A searcher with
+    `search_detailed` (the Retriever, the service) also reports how deep it reranked and how often the deadline
+    cut the reranking short: under load the pacer trades depth for latency, and this shows how much."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     latencies: list[float] = []
@@ -57,12 +63,18 @@ def load_test(searcher: Searcher, queries: Sequence[tuple[str, str]], concurrenc
     lock = threading.Lock()
 
     errors: list[str] = []
+    reranked: list[tuple[int, bool]] = []
+    detailed = hasattr(searcher, "search_detailed")
 
     def one(query: tuple[str, str]) -> None:
         qid, text = query
         start = time.perf_counter()
         try:
-            results = searcher.search(text, k)
+            if detailed:
+                response = searcher.search_detailed(text, k)
+                results = response.results
+            else:
+                results = searcher.search(text, k)
         except (OSError, ValueError) as exc:  # an HTTP error or a dropped connection counts, and the run goes on
             with lock:
                 errors.append(f"{qid}: {exc}")
@@ -71,6 +83,8 @@ def load_test(searcher: Searcher, queries: Sequence[tuple[str, str]], concurrenc
         with lock:
             latencies.append(elapsed)
             ranked[qid] = [r.document_id for r in results]
+            if detailed:
+                reranked.append((response.reranked, response.cut_by_deadline))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -79,6 +93,9 @@ def load_test(searcher: Searcher, queries: Sequence[tuple[str, str]], concurrenc
     row = {"concurrency": concurrency, "queries": len(queries), "wall_s": wall,
            "queries_per_s": len(queries) / wall, "latency_ms": latency_summary(latencies), "errors": len(errors),
            "first_errors": errors[:3]}
+    if reranked:
+        row["reranked_mean"] = sum(n for n, _ in reranked) / len(reranked)
+        row["cut_share"] = sum(cut for _, cut in reranked) / len(reranked)
     if qrels is not None:
         judged = {qid: qrels[qid] for qid in ranked if qid in qrels}
         row["recall@1"] = evaluate(ranked, judged, min_relevance=min_relevance, recall_ks=(1,)).means["recall@1"]
@@ -87,12 +104,17 @@ def load_test(searcher: Searcher, queries: Sequence[tuple[str, str]], concurrenc
 
 def load_table(rows: list[dict]) -> str:
     with_recall = all("recall@1" in r for r in rows)
-    lines = ["| clients | queries | errors | queries/s | p50 ms | p95 ms | p99 ms |" + (" recall@1 |" if with_recall else ""),
-             "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_recall else "")]
+    with_depth = all("reranked_mean" in r for r in rows)
+    header = "| clients | queries | errors | queries/s | p50 ms | p95 ms | p99 ms |"
+    header += " recall@1 |" * with_recall + " reranked per query | cut by the deadline |" * with_depth
+    lines = [header, "|" + "---:|" * header.count(" |")]
     for r in rows:
         lat = r["latency_ms"]
-        lines.append(f"| {r['concurrency']} | {r['queries']} | {r.get('errors', 0)} | {r['queries_per_s']:.2f} | {lat['p50']:.0f} | "
-                     f"{lat['p95']:.0f} | {lat['p99']:.0f} |" + (f" {r['recall@1']:.3f} |" if with_recall else ""))
+        line = (f"| {r['concurrency']} | {r['queries']} | {r.get('errors', 0)} | {r['queries_per_s']:.2f} | "
+                f"{lat['p50']:.0f} | {lat['p95']:.0f} | {lat['p99']:.0f} |")
+        line += f" {r['recall@1']:.3f} |" if with_recall else ""
+        line += f" {r['reranked_mean']:.1f} | {r['cut_share']:.0%} |" if with_depth else ""
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -80,6 +80,7 @@ def test_load_test_counts_every_call_and_runs_clients_concurrently():
     one = load_test(one_client, queries, 1, qrels=qrels)
     four = load_test(four_clients, queries, 4)
     assert one["recall@1"] == pytest.approx(9 / 12) and "recall@1" not in four  # every answer ranks "p" first
+    assert "reranked_mean" not in one  # a searcher without search_detailed: no depth columns
     assert one_client.calls == four_clients.calls == 12 and one["latency_ms"]["n"] == four["latency_ms"]["n"] == 12
     assert one["latency_ms"]["p50"] >= 49.0
     assert one_client.most == 1 and four_clients.most > 1   # sleeping releases the GIL: real overlap

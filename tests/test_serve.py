@@ -188,7 +188,7 @@ def server(tiny_run, tmp_path_factory):
 
 
 def test_the_load_benchmark_drives_the_service_over_http(server):
-    from benchmarks.load import HttpSearcher, load_test
+    from benchmarks.load import HttpSearcher, load_table, load_test
     from tests.conftest import QRELS
 
     url, _, _ = server
@@ -197,6 +197,8 @@ def test_the_load_benchmark_drives_the_service_over_http(server):
     four = load_test(HttpSearcher(url), queries, 4, k=5, qrels=QRELS)
     assert one["errors"] == four["errors"] == 0 and one["queries"] == four["queries"] == 12
     assert one["recall@1"] == four["recall@1"]  # no deadline cuts on the tiny run: the same answers
+    assert one["cut_share"] == four["cut_share"] == 0 and one["reranked_mean"] == four["reranked_mean"] > 0
+    assert load_table([one]).splitlines()[2].endswith(f"| {one['reranked_mean']:.1f} | 0% |")
     refused = load_test(HttpSearcher(url), queries[:2], 2, k=0)  # k=0 is a 422: counted, not raised
     assert refused["errors"] == 2 and "422" in refused["first_errors"][0]
     texts = list(QUERIES.values())  # the depth reaches the service: without reranking, other scores
