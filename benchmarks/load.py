@@ -70,11 +70,7 @@ def load_test(searcher: Searcher, queries: Sequence[tuple[str, str]], concurrenc
         qid, text = query
         start = time.perf_counter()
         try:
-            if detailed:
-                response = searcher.search_detailed(text, k)
-                results = response.results
-            else:
-                results = searcher.search(text, k)
+            response = searcher.search_detailed(text, k) if detailed else SearchResponse(searcher.search(text, k))
         except (OSError, ValueError) as exc:  # an HTTP error or a dropped connection counts, and the run goes on
             with lock:
                 errors.append(f"{qid}: {exc}")
@@ -82,7 +78,7 @@ def load_test(searcher: Searcher, queries: Sequence[tuple[str, str]], concurrenc
         elapsed = (time.perf_counter() - start) * 1000.0
         with lock:
             latencies.append(elapsed)
-            ranked[qid] = [r.document_id for r in results]
+            ranked[qid] = [r.document_id for r in response.results]
             if detailed:
                 reranked.append((response.reranked, response.cut_by_deadline))
 
