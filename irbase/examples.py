@@ -28,11 +28,14 @@ class SyntheticConfig:
     `python -m querygen.filter` writes)."""
     queries: str | None = None      # queries file ({run_dir}, {data_root}); null: real queries only
     qrels: str | None = None        # its qrels: each query's source passage
-    real_share: float = 0.25        # share of real queries among all training queries
+    real_share: float = 0.25        # share of real queries among all training queries; 0: synthetic only
+                                    # (a first round before the real queries, as GPL orders them)
 
     def __post_init__(self) -> None:
-        if not 0 < self.real_share <= 1:
-            raise ValueError(f"synthetic.real_share={self.real_share}: expected a share in (0, 1]")
+        if not 0 <= self.real_share <= 1:
+            raise ValueError(f"synthetic.real_share={self.real_share}: expected a share in [0, 1]")
+        if self.real_share == 0 and self.queries is None:
+            raise ValueError("synthetic.real_share=0 trains on synthetic queries only: set synthetic.queries")
         if (self.queries is None) != (self.qrels is None):
             raise ValueError("synthetic.queries and synthetic.qrels: give both or neither")
 
@@ -40,7 +43,8 @@ class SyntheticConfig:
 def with_synthetic(queries: dict[str, str], qrels: Qrels, config: SyntheticConfig, run_dir: str, data_root: str,
                    seed: int) -> tuple[dict[str, str], Qrels, int]:
     """Real queries and qrels plus a seeded sample of synthetic ones sized so that real queries make up
-    `real_share` of the judged queries; also returns how many synthetic queries were added."""
+    `real_share` of the judged queries (all synthetic ones and no real ones at 0); also returns how many
+    synthetic queries were added."""
     from irbase.formats import read_qrels, read_queries
 
     if config.queries is None:
@@ -51,6 +55,8 @@ def with_synthetic(queries: dict[str, str], qrels: Qrels, config: SyntheticConfi
     if clash:
         raise ValueError(f"synthetic.queries {config.queries}: query ids {', '.join(clash[:3])} are also real ones")
     pool = sorted(q for q in judged if q in synthetic)
+    if config.real_share == 0:
+        return {q: synthetic[q] for q in pool}, {q: judged[q] for q in pool}, len(pool)
     real = sum(1 for q in qrels if q in queries)
     wanted = min(len(pool), round(real * (1 - config.real_share) / config.real_share))
     chosen = sorted(random.Random(seed).sample(pool, wanted))

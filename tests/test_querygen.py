@@ -221,5 +221,10 @@ def test_synthetic_queries_are_mixed_in_at_the_real_share(tmp_path):
                                 str(tmp_path), "", seed=1)
     assert everything[2] == 20  # 27 wanted, 20 exist
     assert with_synthetic(real_q, real_j, SyntheticConfig(), str(tmp_path), "", 1) == (real_q, real_j, 0)
+    only = with_synthetic(real_q, real_j, SyntheticConfig("{run_dir}/q.tsv", "{run_dir}/j.tsv", 0.0),
+                          str(tmp_path), "", seed=1)
+    assert only[2] == len(only[0]) == len(only[1]) == 20 and not set(only[0]) & set(real_q)  # synthetic only
     with pytest.raises(ValueError, match="real_share"):
-        SyntheticConfig("a", "b", real_share=0)
+        SyntheticConfig("a", "b", real_share=1.5)
+    with pytest.raises(ValueError, match="synthetic.queries"):
+        SyntheticConfig(real_share=0)
