@@ -4,7 +4,8 @@
     deepspeed --num_gpus 4 --module crossencoder.train --config configs/msmarco.yaml
 
 Writes <run.dir>/<crossencoder.name>/: model/ (HF backbone + head + tokenizer + pair format),
-checkpoints/ (resumed from automatically), train_log.jsonl and eval.json.
+checkpoints/ (resumed from automatically), train_log.jsonl, eval.json and dev_rerank.trec (the reranked
+dev run, for `python -m benchmarks.paired`; `python -m crossencoder.evaluate --model DIR` rewrites both).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Sequence
 
 from irbase.artifacts import atomic_write_json, file_fingerprint
-from irbase.bm25 import BM25Config, build_or_load, configured
 from irbase.config import load_section
 from irbase.dataset import Dataset
 from irbase.examples import NegativesConfig, SyntheticConfig, TrainExamples, load_negative_lists, with_synthetic
@@ -25,7 +25,7 @@ from irbase.runconfig import DataConfig, RunConfig, fill_path, seed_everything
 from irbase.training import TrainConfig, Trainer, train_main
 
 from crossencoder.data import GroupBatches
-from crossencoder.evaluate import RerankEvalConfig, eval_queries, metrics, rerank
+from crossencoder.evaluate import Bf16Scorer, RerankEvalConfig, evaluate_on_bm25
 from crossencoder.model import CrossEncoder, CrossEncoderConfig
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,6 @@ class CrossEncoderRecipe:
     max_train_queries: int | None = None    # a slice, for smoke runs
     eval: RerankEvalConfig = field(default_factory=RerankEvalConfig)
     final_eval: bool = True
-
-
-def bm25_candidates(index_dir: Path, dataset: Dataset, config: BM25Config, qids: Sequence[str],
-                    depth: int) -> dict[str, list[str]]:
-    index = build_or_load(index_dir, dataset, config)
-    ranked = index.search_ids([dataset.all_queries[q] for q in qids], depth)
-    return {qid: [pid for pid, _ in hits] for qid, hits in zip(qids, ranked)}
 
 
 def train(config_path: str | None, overrides: Sequence[str]) -> Path:
@@ -78,29 +71,10 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
                                        "train_collection": file_fingerprint(train_set.collection_path)})
     summary = {"train_seconds": train_seconds, "train_queries": len(examples)}
     if recipe.final_eval:
-        dev_set = Dataset.from_dir(data.root, data.dev_split)
-        qids = eval_queries(dev_set, recipe.eval.queries, run.seed)
-        bm25, bm25_dir = configured(config_path, overrides, plain=True)
-        candidates = bm25_candidates(bm25_dir, dev_set, bm25, qids, max(recipe.eval.depth, 100))
-        first = {q: [(p, -i) for i, p in enumerate(pids)] for q, pids in candidates.items()}
-        start = time.perf_counter()
-        reranked, _ = rerank(_Bf16(trained), dev_set, candidates, qids, recipe.eval.depth)
-        summary.update(dev_split=dev_set.split, eval_queries=len(qids), eval_depth=recipe.eval.depth,
-                       bm25=metrics(first, dev_set), reranked=metrics(reranked, dev_set),
-                       eval_seconds=time.perf_counter() - start)
-        for name in ("bm25", "reranked"):
-            print(name, " ".join(f"{k}={v:.4f}" for k, v in summary[name].items()))
+        summary.update(evaluate_on_bm25(Bf16Scorer(trained), config_path, overrides, recipe.eval, out))
     atomic_write_json(out / "eval.json", summary)
     print(f"trained in {train_seconds / 60:.1f} min -> {out / 'model'}")
     return out
-
-
-class _Bf16:
-    def __init__(self, model: CrossEncoder):
-        self.model = model
-
-    def score(self, query, passages):
-        return self.model.score(query, passages, bf16=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

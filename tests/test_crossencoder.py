@@ -246,6 +246,14 @@ crossencoder:
     assert (stage / "checkpoints" / "latest.json").is_file()
     model = CrossEncoder.load(stage / "model")
     assert model.score("goldfish", ["a", "b"]).shape == (2,)
+    run = [line.split() for line in (stage / "dev_rerank.trec").read_text().splitlines()]
+    assert len({r[0] for r in run}) == 4 and (stage / "dev_rerank_bm25.trec").is_file()
+    again = subprocess.run([sys.executable, "-m", "crossencoder.evaluate", "--config", str(config)], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    remeasured = json.loads((stage / "eval-dev_rerank.json").read_text())
+    assert remeasured["reranked"] == pytest.approx(evaluation["reranked"])  # the saved model measures the same
+    assert remeasured["model"] == str(stage / "model")
 
 
 def test_init_from_a_fine_tuned_backbone_and_head_learning_rate(tmp_path, tiny_decoder):

@@ -135,7 +135,7 @@ def test_config_changes_by_hand():
 
 
 ENTRY_POINTS = ["biencoder.train", "biencoder.encode", "biencoder.index", "biencoder.mine", "biencoder.evaluate",
-                "crossencoder.train", "crossencoder.export", "querygen.train", "querygen.generate", "querygen.filter",
+                "crossencoder.train", "crossencoder.evaluate", "crossencoder.export", "querygen.train", "querygen.generate", "querygen.filter",
                 "pipeline.build", "pipeline.search", "benchmarks.run", "tuning.sweep", "benchmarks.compare",
                 "benchmarks.rerank", "benchmarks.load", "tuning.fusion", "benchmarks.paired", "benchmarks.soak",
                 "irbase.bm25", "irbase.download", "irbase.slice"]
