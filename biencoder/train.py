@@ -21,9 +21,10 @@ from typing import Sequence
 from irbase.artifacts import atomic_write_json, file_fingerprint
 from irbase.config import load_section
 from irbase.dataset import Dataset
-from irbase.examples import NegativesConfig, SyntheticConfig, TrainExamples, load_negative_lists, with_synthetic
+from irbase.examples import (NegativesConfig, SyntheticConfig, TrainExamples, load_negative_lists, stream_fingerprint,
+                             with_synthetic)
 from irbase.runconfig import DataConfig, RunConfig, fill_path, seed_everything
-from irbase.training import TrainConfig, Trainer, train_main
+from irbase.training import ResumeRefused, TrainConfig, Trainer, train_main
 
 from biencoder.data import TrainBatches
 from biencoder.encode import EncodeConfig, collection_inputs
@@ -55,13 +56,20 @@ def load_recipe(config_path: str | None, overrides: Sequence[str]) -> tuple[RunC
             load_section(config_path, "biencoder", BiEncoderRecipe, overrides))
 
 
-def stream_position(model_dir: str | Path) -> int:
-    """Examples of its seeded data stream that the run which trained `model_dir` consumed.
+def stream_position(model_dir: str | Path, stream: str) -> int:
+    """Examples of its seeded data stream that the run which trained `model_dir` consumed, refused when
+    that run drew from another stream than `stream` (other queries, seed or batch size): continuing it
+    would skip the first examples of this one for nothing.
 
     Recorded in the model's config; models saved before that are read from their run's last checkpoint
     record (those runs always started the stream at 0)."""
     model_dir = Path(model_dir)
-    recorded = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("stream_position")
+    saved = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    if saved.get("query_stream") not in (None, stream):
+        raise ResumeRefused(f"biencoder.init_from {model_dir} trained on another query stream (other queries, seed "
+                            "or batch size): continuing it would skip the start of this one; set "
+                            "biencoder.continue_data=false to draw this stream from its beginning")
+    recorded = saved.get("stream_position")
     if recorded is not None:
         return int(recorded)
     latest = model_dir.parent / "checkpoints" / "latest.json"
@@ -86,12 +94,13 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
     log.info("%d training queries (%d synthetic), %d with mined negatives", len(examples), added,
              sum(1 for v in examples.negatives.values() if v))
 
+    stream = stream_fingerprint(examples, recipe.train.batch_size)
     if recipe.init_from:
         recipe.init_from = fill_path(recipe.init_from, run.dir, data.root)
         model = BiEncoder.load(recipe.init_from)
         model.config.temperature = recipe.model.temperature
         if recipe.continue_data and recipe.train.data_offset == 0:
-            recipe.train.data_offset = stream_position(recipe.init_from)
+            recipe.train.data_offset = stream_position(recipe.init_from, stream)
             log.info("continuing the data stream of %s after %d examples", recipe.init_from,
                      recipe.train.data_offset)
     else:
@@ -113,7 +122,7 @@ def train(config_path: str | None, overrides: Sequence[str]) -> Path:
         return out
     trained.save(out / "model", extra={"recipe": asdict(recipe), "seed": run.seed,
                                        "train_collection": file_fingerprint(train_set.collection_path),
-                                       "stream_position": trainer.stream_position})
+                                       "stream_position": trainer.stream_position, "query_stream": stream})
     summary = {"train_seconds": train_seconds, "train_queries": len(examples)}
     if recipe.final_eval == "proxy":
         start = time.perf_counter()

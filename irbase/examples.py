@@ -3,6 +3,7 @@ mined hard negatives, sampled as a pure function of (seed, epoch, qid) so a resu
 the same batches."""
 from __future__ import annotations
 
+import hashlib
 import random
 import zlib
 from dataclasses import dataclass, field
@@ -146,6 +147,15 @@ class EpochOrder:
         for index in range(skip, self.micro_batches_per_epoch(world_size)):
             global_index = index * world_size + rank
             yield order[global_index * self.batch_size:(global_index + 1) * self.batch_size]
+
+
+def stream_fingerprint(examples: TrainExamples, batch_size: int) -> str:
+    """What fixes the order of a training run's query stream (its queries, seed and batch size): a run that
+    continues another's stream must be drawing from the same one."""
+    digest = hashlib.sha256(f"{examples.seed}:{batch_size}\n".encode())
+    for qid in examples.queries:
+        digest.update(f"{qid}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 class ExampleBatches:

@@ -100,6 +100,15 @@ def test_a_second_round_names_its_first_round_under_run_dir(tmp_path, tiny_decod
     assert f"continuing the data stream of {tmp_path / 'run' / 'biencoder' / 'model'} after 8 examples" in out
     recorded = json.loads((tmp_path / "run" / "r2" / "train_config.json").read_text())
     assert recorded["recipe"]["init_from"] == str(tmp_path / "run" / "biencoder" / "model")
+    # a round over other queries (here a slice) must not skip the start of its own stream
+    other = ("biencoder.name=r2b", 'biencoder.init_from="{run_dir}/biencoder/model"', "biencoder.max_train_queries=3",
+             "biencoder.train.max_steps=2", "biencoder.final_eval=none")
+    refused = _train(config, *other)
+    out, _ = refused.communicate(timeout=600)
+    assert refused.returncode == 2 and "continue_data=false" in out and "Traceback" not in out, out[-2000:]
+    fresh = _train(config, *other, "biencoder.continue_data=false")
+    out, _ = fresh.communicate(timeout=600)
+    assert fresh.returncode == 0 and "continuing the data stream" not in out, out[-2000:]
 
 
 def test_a_build_lock_left_by_a_killed_compile_is_cleared_and_a_live_one_kept(tmp_path, monkeypatch):
@@ -344,14 +353,17 @@ def test_a_continued_run_starts_the_stream_where_the_first_stopped(tmp_path):
 
 def test_stream_position_of_an_init_model(tmp_path):
     from biencoder.train import stream_position
+    from irbase.training import ResumeRefused
 
     model = tmp_path / "r1" / "model"
     model.mkdir(parents=True)
-    (model / "biencoder.json").write_text(json.dumps({"stream_position": 8000}))
-    assert stream_position(model) == 8000
+    (model / "biencoder.json").write_text(json.dumps({"stream_position": 8000, "query_stream": "abc"}))
+    assert stream_position(model, "abc") == 8000
+    with pytest.raises(ResumeRefused, match="another query stream"):
+        stream_position(model, "other")  # e.g. a synthetic-only first round before a real one
     (model / "biencoder.json").write_text(json.dumps({}))  # saved before positions were recorded
     with pytest.raises(ValueError, match="continue_data=false"):
-        stream_position(model)
+        stream_position(model, "abc")
     (tmp_path / "r1" / "checkpoints").mkdir()
     (tmp_path / "r1" / "checkpoints" / "latest.json").write_text(json.dumps({"tag": "step-0000250", "examples": 7968}))
-    assert stream_position(model) == 7968
+    assert stream_position(model, "abc") == 7968
