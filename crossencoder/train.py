@@ -4,8 +4,9 @@
     deepspeed --num_gpus 4 --module crossencoder.train --config configs/msmarco.yaml
 
 Writes <run.dir>/<crossencoder.name>/: model/ (HF backbone + head + tokenizer + pair format),
-checkpoints/ (resumed from automatically), train_log.jsonl, eval.json and dev_rerank.trec (the reranked
-dev run, for `python -m benchmarks.paired`; `python -m crossencoder.evaluate --model DIR` rewrites both).
+checkpoints/ (resumed from automatically), train_log.jsonl, eval.json, and dev_rerank.trec with
+dev_rerank_bm25.trec (the reranked dev run and its BM25 candidates, for `python -m benchmarks.paired`;
+`python -m crossencoder.evaluate --model DIR` measures a saved model again into eval-dev_rerank.json).
 """
 from __future__ import annotations
 
